@@ -1,0 +1,50 @@
+"""Building networks abstractly (no weights allocated), counting parameters and FLOPs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from keyface_jax.models.keyface import KeyFaceConfig, build_network
+
+
+def abstract_network(config: KeyFaceConfig, dtype=None, param_dtype=jnp.float32):
+    """The network with `ShapeDtypeStruct` leaves: shapes and sharding names, no memory."""
+    return nnx.eval_shape(lambda: build_network(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                                param_dtype=param_dtype))
+
+
+def count_params(module_or_state) -> int:
+    state = module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state, nnx.Param)
+    return int(sum(np.prod(v.shape) for v in jax.tree.leaves(state)))
+
+
+def example_inputs(config: KeyFaceConfig, batch: int = 1, frames: int = 14, dtype=jnp.float32) -> dict:
+    """Abstract inputs of one network call (keyword arguments besides x and c_noise included)."""
+    s, c = config.latent_size, config.latent_channels
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
+    inputs = dict(x=spec(batch, frames, s, s, c), c_noise=spec(batch),
+                  audio=spec(batch, frames, config.audio_tokens_per_frame, config.audio_dim))
+    if config.kind == "keyframe":
+        inputs.update(identity=spec(batch, s, s, c), valence=spec(batch, frames),
+                      arousal=spec(batch, frames))
+    else:
+        inputs.update(first=spec(batch, s, s, c), last=spec(batch, s, s, c))
+    return inputs
+
+
+def forward_flops(config: KeyFaceConfig, batch: int = 1, frames: int = 14, dtype=None) -> float:
+    """FLOPs of one forward call from XLA's cost analysis of the lowered (uncompiled) program."""
+    net = abstract_network(config, dtype=dtype)
+    graphdef, state = nnx.split(net)
+    inputs = example_inputs(config, batch, frames)
+
+    def forward(state, inputs):
+        kwargs = dict(inputs)
+        return nnx.merge(graphdef, state)(kwargs.pop("x"), kwargs.pop("c_noise"), **kwargs)
+
+    cost = jax.jit(forward).lower(state, inputs).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
