@@ -95,6 +95,31 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
     )
 
 
+def diffusers_config_from_unet(config: UNetConfig, addition_time_embed_dim: int = 256) -> dict:
+    """A diffusers UNetSpatioTemporalConditionModel config with the same parameter tree as ours
+    (for exporting to diffusers and for building test references). diffusers has one transformer
+    depth and head count per level, and ties the middle block's to the last level's."""
+    if config.mid_num_heads != config.num_heads[-1] or \
+            config.mid_transformer_depth != config.transformer_depth[-1]:
+        raise ValueError("UNetConfig: diffusers ties the middle block's heads/depth to the last level's")
+    if config.adm_in_channels <= 0:
+        raise ValueError("UNetConfig: diffusers' SVD UNet always has the label_emb (adm_in_channels > 0)")
+    return dict(
+        in_channels=config.in_channels, out_channels=config.out_channels,
+        down_block_types=tuple("CrossAttnDownBlockSpatioTemporal" if a else "DownBlockSpatioTemporal"
+                               for a in config.down_attention),
+        up_block_types=tuple("CrossAttnUpBlockSpatioTemporal" if a else "UpBlockSpatioTemporal"
+                             for a in reversed(config.up_attention)),
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=tuple(config.layers_per_block),
+        transformer_layers_per_block=tuple(config.transformer_depth),
+        num_attention_heads=tuple(config.num_heads),
+        cross_attention_dim=config.context_dim,
+        addition_time_embed_dim=addition_time_embed_dim,
+        projection_class_embeddings_input_dim=config.adm_in_channels,
+    )
+
+
 def _block_prefixes(config: UNetConfig) -> Iterator[tuple[str, str, tuple]]:
     """(diffusers prefix, sgm prefix, inner rename table) for every block of the network."""
     yield "conv_in.", "input_blocks.0.0.", _PLAIN

@@ -1,0 +1,1 @@
+"""EDM v-prediction denoiser scalings and the training objective (spec §4)."""
