@@ -34,3 +34,26 @@ CONFIGS = {
 def test_unet_matches_diffusers(name):
     err = check_unet_against_diffusers(CONFIGS[name], seed=sorted(CONFIGS).index(name))
     assert err <= 1e-5, f"{name}: relative error {err:.3e}"
+
+
+@pytest.mark.parametrize("kind", ["keyframe", "interpolation"])
+def test_full_parameter_counts_equal_diffusers_plus_keyface_extras(kind):
+    """The paper-size networks have exactly the parameters of diffusers' SVD UNet with KeyFace's input
+    channels and label width, plus the audio projection (and the interpolation mask token)."""
+    import torch
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from configs import interpolation, keyframe
+    from keyface_jax.config_lib import network_config
+    from keyface_jax.models.build import abstract_network, count_params
+
+    config = network_config((keyframe if kind == "keyframe" else interpolation).get_config("full").model)
+    with torch.device("meta"):  # shapes only: no 6 GB of weights on the CPU
+        reference = UNetSpatioTemporalConditionModel(
+            in_channels=config.unet.in_channels,
+            projection_class_embeddings_input_dim=config.unet.adm_in_channels)
+    expected = sum(p.numel() for p in reference.parameters())
+    expected += config.audio_dim * config.unet.context_dim + config.unet.context_dim
+    if kind == "interpolation":
+        expected += config.latent_size ** 2 * config.latent_channels
+    assert count_params(abstract_network(config)) == expected

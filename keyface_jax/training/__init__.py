@@ -1,0 +1,1 @@
+"""Training: which parameters train (optax masks); the train step and loop."""
