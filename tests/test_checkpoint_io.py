@@ -391,8 +391,6 @@ def test_diffusers_folder(tmp_path):
         ckio.read_diffusers_folder(tmp_path / "model", subfolder="vae")
 
 
-@pytest.mark.skipif(not os.environ.get("KEYFACE_SLOW_TESTS"),
-                    reason="importing diffusers takes ~8 s; set KEYFACE_SLOW_TESTS=1")
 def test_real_diffusers_save_pretrained(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     model = diffusers.AutoencoderKL(
