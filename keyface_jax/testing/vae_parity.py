@@ -14,6 +14,7 @@ from keyface_jax.checkpoints.diffusers_vae import (diffusers_vae_state_dict_to_s
                                                     vae_config_from_diffusers)
 from keyface_jax.checkpoints.nnx_torch import load_torch_state_dict
 from keyface_jax.models.autoencoder import AutoencoderKL
+from keyface_jax.testing.parity import relative_error, torch_state_dict_numpy
 
 
 def _full_config(diffusers_config: Mapping[str, Any]) -> dict:
@@ -57,8 +58,7 @@ def make_random_diffusers_vae(diffusers_config: Mapping[str, Any], seed: int):
 def nnx_vae_from_diffusers(torch_model, diffusers_config: Mapping[str, Any],
                            **config_overrides) -> AutoencoderKL:
     """Our AutoencoderKL holding the torch model's weights (diffusers → sgm → NNX)."""
-    sd = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
-    sgm_sd = diffusers_vae_state_dict_to_sgm(sd, diffusers_config)
+    sgm_sd = diffusers_vae_state_dict_to_sgm(torch_state_dict_numpy(torch_model), diffusers_config)
     cfg = vae_config_from_diffusers(diffusers_config, **config_overrides)
     model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
     load_torch_state_dict(model, sgm_sd)
@@ -102,16 +102,11 @@ def run_torch(model, images: np.ndarray, latents: np.ndarray, num_frames: int) -
     return [t.numpy() for t in (posterior.mean, posterior.logvar, decoded)]
 
 
-def relative_error(ours: list[np.ndarray], ref: list[np.ndarray]) -> float:
-    """max over outputs of max|ours - ref| / max|ref|."""
-    return max(float(np.max(np.abs(a - b)) / np.max(np.abs(b))) for a, b in zip(ours, ref))
-
-
 def check_vae_against_diffusers(diffusers_config: dict, seed: int, num_frames: int = 3) -> float:
     """Random-weight parity (float32, CPU) of the posterior mean, logvar and a `num_frames`-frame
     decode; returns max |ours - ref| / max |ref| over the three."""
     ref = make_random_diffusers_vae(diffusers_config, seed)
     ours = nnx_vae_from_diffusers(ref, diffusers_config)
     images, latents = random_inputs(diffusers_config, seed, num_frames)
-    return relative_error(run_nnx(ours, images, latents, num_frames),
-                          run_torch(ref, images, latents, num_frames))
+    pairs = zip(run_nnx(ours, images, latents, num_frames), run_torch(ref, images, latents, num_frames))
+    return max(relative_error(a, b) for a, b in pairs)
