@@ -1,0 +1,1 @@
+"""Dataset contract and Grain loaders."""

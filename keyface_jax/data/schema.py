@@ -1,0 +1,48 @@
+"""The on-disk contract between dataset preparation (data_pipelines/) and the loaders (keyface_jax/data/).
+
+A prepared dataset is a TFDS dataset (ArrayRecord shards) with **one record per 25 fps video frame**,
+so a clip is a handful of random-access reads (14 frames), never a whole video:
+
+  frame record
+    video_index  int64             row of the video table
+    frame_index  int64             index of this frame in its video, at 25 fps
+    latent       [h, w, 4]         diffusion-space latent (VAE sample or mode × 0.18215)
+    audio        [2, audio_dim]    the frame's 2 audio tokens (speech ⊕ event features, concatenated)
+    valence      float32           per-frame emotion, in [−1, 1]
+    arousal      float32
+    frame        [H, W, 3] uint8   optional (`store_frames`): the cropped RGB frame, PNG-encoded, for
+                                   the keyframe model's pixel losses
+
+Records of one video are contiguous and in frame order. The **video table** (`videos.json` in the
+dataset folder, also in the TFDS metadata) lists per video: name, source path, source fps,
+num_frames (at 25 fps), first_record (global record index of its frame 0), group (for balancing)
+and split. Loaders turn (video, start) choices into record indices with `first_record + frame`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+FPS = 25
+AUDIO_RATE = 16_000
+SAMPLES_PER_FRAME = AUDIO_RATE // FPS   # 640 audio samples per video frame
+TOKENS_PER_FRAME = 2                    # audio tokens per video frame (50 Hz features)
+KEYFRAME_STRIDE = 13                    # keyframes are 13 frames apart
+CLIP_FRAMES = 14                        # frames per training clip, both stages
+VIDEO_TABLE = "videos.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoEntry:
+    name: str            # unique, stable (derived from the source path)
+    source: str          # the original video path
+    source_fps: float
+    num_frames: int      # at 25 fps
+    first_record: int    # global index of frame 0 in the frame records
+    group: str = "default"
+    split: str = "train"
+
+
+def keyframe_span(clip_frames: int = CLIP_FRAMES, stride: int = KEYFRAME_STRIDE) -> int:
+    """Video frames a keyframe clip covers: 14 keyframes 13 apart span 170 frames."""
+    return (clip_frames - 1) * stride + 1
