@@ -83,4 +83,59 @@ def base_config(kind: str, arg: str) -> ml_collections.ConfigDict:
         use_quant_conv=True, image_size=8 * LATENT_SIZE[variant]))
     config.num_frames = int(args.get("frames", 14))
     config.seed = int(args.get("seed", 0))
+    add_training_sections(config, kind, variant)
     return config
+
+
+# Global batch per variant: tiny runs on 2 CPU cores; full is the per-replica 1 of the reference
+# times a pod's worth of data parallelism (set on the command line for the real job).
+BATCH_SIZE = {"tiny": 4, "small": 8, "full": 32}
+
+
+def add_training_sections(config, kind: str, variant: str) -> None:
+    """optim / objective / trainable / mesh / train / data / init sections (spec §4 defaults)."""
+    config.optim = ml_collections.ConfigDict(dict(
+        lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,  # the reference's AdamW
+        warmup_steps=0 if variant == "full" else 20,
+        schedule="constant",          # constant | cosine (after warm-up)
+        total_steps=100_000 if variant == "full" else 300,
+        grad_clip=0.0,                # global-norm clip; 0 = off
+        accum_steps=1,                # micro-batches per update (scan inside one jitted step)
+        ema_decay=0.0,                # 0 = no EMA copy of the weights
+    ))
+    if variant != "full":
+        config.optim.lr = 3e-4        # small models from scratch learn in hundreds of steps
+    config.objective = ml_collections.ConfigDict(dict(
+        p_mean=1.0, p_std=1.2,
+        lambda_lower=3.0 if kind == "keyframe" else 2.0,
+        cond_drop_rate=0.1, audio_drop_rate=0.2,
+        # pixel losses need the frozen VAE decoder (and LPIPS weight files); off for the tiny runs
+        pixel_weight=1.0 if (kind == "keyframe" and variant == "full") else 0.0,
+        pixel_losses=("l2", "lpips") if kind == "keyframe" else (),
+        pixel_frames=1,
+        lpips_vgg_weights="", lpips_lin_weights="",
+    ))
+    config.trainable = ml_collections.ConfigDict(dict(
+        preset="reference" if variant == "full" else "all", freeze=(), unfreeze=()))
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    config.train = ml_collections.ConfigDict(dict(
+        batch_size=BATCH_SIZE[variant],
+        steps=config.optim.total_steps,
+        log_every=10,
+        checkpoint_every=100 if variant != "full" else 1000,
+        keep_checkpoints=3,
+        nan_policy="stop",            # stop | skip
+        profile_steps=(),             # (first, last) step of a jax.profiler trace window
+        preview_every=0,              # steps between preview samples (0 = off)
+        peak_flops_per_device=0.0,    # 0 = look up the device kind in the peak table
+    ))
+    config.data = ml_collections.ConfigDict(dict(
+        path="",                      # a prepared dataset folder (data_pipelines.prepare)
+        group_weights={},             # group name → sampling weight
+        workers=0, prefetch=2,
+    ))
+    config.init = ml_collections.ConfigDict(dict(
+        source="",                    # "" (random) | svd | reference | orbax
+        path="",
+        autoencoder="",               # weights of the frozen VAE decoder for the pixel losses
+    ))

@@ -11,5 +11,8 @@ fi
 REQS=(-r "$ROOT/requirements.txt")
 if [ "${1:-}" = "test" ]; then REQS+=(-r "$ROOT/requirements-test.txt"); fi
 "$ROOT/.venv/bin/python" -m pip install -q "${REQS[@]}"
+# Real recorded speech for the demo dataset: pyannote.audio's wheel ships a 30 s sample.wav; only
+# that file is used, so its (heavy) dependencies are not installed.
+"$ROOT/.venv/bin/python" -m pip install -q --no-deps pyannote.audio==4.0.7
 "$ROOT/.venv/bin/python" -m pip install -q --no-deps -e "$ROOT"
 export PATH="$ROOT/.venv/bin:$PATH"

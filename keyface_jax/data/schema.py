@@ -17,11 +17,19 @@ Records of one video are contiguous and in frame order. The **video table** (`vi
 dataset folder, also in the TFDS metadata) lists per video: name, source path, source fps,
 num_frames (at 25 fps), first_record (global record index of its frame 0), group (for balancing)
 and split. Loaders turn (video, start) choices into record indices with `first_record + frame`.
+Each TFDS split holds the frames of the videos whose `split` names it, so `first_record` indexes the
+records of that split. `keyface_jax.data.tfds_io.write_frame_dataset` writes all of this.
+
+Sources recorded at another rate (the reference's 60 fps NSV sets, spec §6) are resampled by the
+preparation, never by the loaders: a video of n source frames has `resampled_length(n, fps)` frames
+at 25 fps, and 25 fps frame i is source frame `source_frame_index(i, fps)` = floor(i·fps/25), the
+reference's floor(i·2.4) at 60 fps. Audio features are computed at 25 fps from the audio track.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fractions
 
 FPS = 25
 AUDIO_RATE = 16_000
@@ -46,3 +54,18 @@ class VideoEntry:
 def keyframe_span(clip_frames: int = CLIP_FRAMES, stride: int = KEYFRAME_STRIDE) -> int:
     """Video frames a keyframe clip covers: 14 keyframes 13 apart span 170 frames."""
     return (clip_frames - 1) * stride + 1
+
+
+def _rate(source_fps: float) -> fractions.Fraction:
+    # exact for 60, 50, 30 and NTSC's 30000/1001, so the floor below never suffers float round-off
+    return fractions.Fraction(source_fps).limit_denominator(1001)
+
+
+def resampled_length(num_source_frames: int, source_fps: float) -> int:
+    """Frames at 25 fps of a video of n source frames at `source_fps` (reference: int(n·25/60))."""
+    return int(num_source_frames * FPS / _rate(source_fps))
+
+
+def source_frame_index(frame: int, source_fps: float) -> int:
+    """The source frame shown at 25 fps frame `frame`: floor(frame·source_fps/25)."""
+    return int(frame * _rate(source_fps) / FPS)

@@ -78,18 +78,21 @@ class ObjectiveConfig:
     def __post_init__(self):
         object.__setattr__(self, "pixel_losses", tuple(self.pixel_losses))
         if self.kind not in ("keyframe", "interpolation"):
-            raise ValueError(f"ObjectiveConfig.kind must be 'keyframe' or 'interpolation', got {self.kind!r}")
+            raise ValueError("ObjectiveConfig.kind must be 'keyframe' or 'interpolation', "
+                             f"got {self.kind!r}")
         if self.p_std < 0:
             raise ValueError(f"ObjectiveConfig.p_std must be >= 0, got {self.p_std}")
         for name in ("cond_drop_rate", "audio_drop_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"ObjectiveConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ValueError(f"ObjectiveConfig.{name} must be in [0, 1], "
+                                 f"got {getattr(self, name)}")
         unknown = [p for p in self.pixel_losses if p not in PIXEL_LOSSES]
         if unknown:
-            raise ValueError(f"ObjectiveConfig.pixel_losses: unknown {unknown}; choose from {PIXEL_LOSSES}")
+            raise ValueError(f"ObjectiveConfig.pixel_losses: unknown {unknown}; "
+                             f"choose from {PIXEL_LOSSES}")
         if self.pixel_weight < 0 or self.pixel_frames < 1:
-            raise ValueError("ObjectiveConfig: pixel_weight must be >= 0 and pixel_frames >= 1, got "
-                             f"{self.pixel_weight}, {self.pixel_frames}")
+            raise ValueError("ObjectiveConfig: pixel_weight must be >= 0 and pixel_frames >= 1, "
+                             f"got {self.pixel_weight}, {self.pixel_frames}")
 
     @classmethod
     def for_kind(cls, kind: str, **overrides) -> "ObjectiveConfig":
@@ -101,9 +104,10 @@ class ObjectiveConfig:
         return cls(**{**base, **overrides})
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "ObjectiveConfig":
-        """From a mapping or ml_collections ConfigDict; unknown fields raise naming them."""
-        values = dict(values)
+    def from_dict(cls, values: Mapping[str, Any], **overrides) -> "ObjectiveConfig":
+        """From a mapping or ml_collections ConfigDict (e.g. `config.objective`, with
+        `kind=config.model.kind`); unknown fields raise naming them."""
+        values = {**dict(values), **overrides}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -143,7 +147,8 @@ def row_weights(height: int, lambda_lower: float) -> jax.Array:
     return jnp.where(jnp.arange(height) >= height // 2, lambda_lower, 1.0).astype(jnp.float32)
 
 
-def diffusion_l2(pred: jax.Array, target: jax.Array, sigma: jax.Array, lambda_lower: float) -> jax.Array:
+def diffusion_l2(pred: jax.Array, target: jax.Array, sigma: jax.Array,
+                 lambda_lower: float) -> jax.Array:
     """Per-frame weighted L2: pred/target [B, T, h, w, c], σ [B] → [B, T], the mean over (h, w, c)
     of λ(σ)·row_weight·(pred − target)²."""
     sq = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
@@ -163,12 +168,13 @@ def draw_randomness(key: jax.Array, latent_shape: tuple[int, ...], config: Objec
     b, t = latent_shape[:2]
     k_drop = jax.random.fold_in(key, STREAM_DROPOUT)
     k_cond, k_audio = jax.random.split(k_drop)
+    keep = lambda k, rate: (jax.random.uniform(k, (b,)) >= rate).astype(jnp.float32)
     n_pix = min(config.pixel_frames, t)
     return dict(
         sigma=sample_sigma(jax.random.fold_in(key, STREAM_SIGMA), b, config.p_mean, config.p_std),
         noise=jax.random.normal(jax.random.fold_in(key, STREAM_NOISE), latent_shape, jnp.float32),
-        cond_keep=(jax.random.uniform(k_cond, (b,)) >= config.cond_drop_rate).astype(jnp.float32),
-        audio_keep=(jax.random.uniform(k_audio, (b,)) >= config.audio_drop_rate).astype(jnp.float32),
+        cond_keep=keep(k_cond, config.cond_drop_rate),
+        audio_keep=keep(k_audio, config.audio_drop_rate),
         pixel_frame_index=jax.random.permutation(
             jax.random.fold_in(key, STREAM_PIXEL_FRAME), t)[:n_pix].astype(jnp.int32),
     )
@@ -187,7 +193,8 @@ def network_conditions(batch: Mapping, config: ObjectiveConfig, draws: dict) -> 
     """The keyword conditions of the network call, built as the reference builds them (spec
     §1.1-1.2, §2.2): condition latents are *raw* VAE latents (scaled ÷ 0.18215); the keyframe
     identity defaults to the clip's own first latent, the interpolation boundaries to its first and
-    last latents. A batch may override them with scaled `identity` / `first` / `last` [B, h, w, c]."""
+    last latents. A batch may override them with scaled `identity` / `first` / `last`
+    [B, h, w, c]."""
     latents = batch["latents"]
     if config.kind == "keyframe":
         _require(batch, ("latents", "audio", "valence", "arousal"), "keyframe")
@@ -248,7 +255,8 @@ def pixel_losses(pred_x0: jax.Array, batch: Mapping, draws: dict, config: Object
     decoded = decode_frames(frozen(decoder), pred.reshape(b * n, *pred.shape[2:]))
     target = target.reshape(b * n, *target.shape[2:]).astype(jnp.float32)
     if decoded.shape != target.shape:
-        raise ValueError(f"decoded frames {decoded.shape} do not match the original frames {target.shape}")
+        raise ValueError(f"decoded frames {decoded.shape} do not match the original frames "
+                         f"{target.shape}")
     lam = jnp.repeat(loss_weight(draws["sigma"]), n)  # [B*n], sample-major like the reshape
     out = {}
     if "l2" in config.pixel_losses:
@@ -265,9 +273,9 @@ def check_objective_inputs(config: ObjectiveConfig, *, decoder=None, lpips=None)
         raise ValueError(f"objective: pixel losses {config.pixel_losses} (pixel_weight="
                          f"{config.pixel_weight}) need the frozen VAE decoder; pass decoder=")
     if config.needs_lpips and lpips is None:
-        raise ValueError("objective: the LPIPS pixel loss is enabled but no LPIPS network was given "
-                         "(load it with lpips_for_objective(config)); set pixel_losses=('l2',) or "
-                         "pixel_weight=0 to train without it")
+        raise ValueError("objective: the LPIPS pixel loss is enabled but no LPIPS network was "
+                         "given (load it with lpips_for_objective(config)); set "
+                         "pixel_losses=('l2',) or pixel_weight=0 to train without it")
 
 
 def lpips_for_objective(config: ObjectiveConfig, dtype=None):

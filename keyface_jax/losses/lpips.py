@@ -72,18 +72,18 @@ class LPIPS(nnx.Module):
     """
 
     def __init__(self, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         layers = []
         for i in range(_NUM_FEATURES):
             if i in VGG16_CONVS:
-                cin, cout = VGG16_CONVS[i]
-                layers.append(Conv(cin, cout, (3, 3), rngs=rngs, dtype=dtype, param_dtype=param_dtype))
+                layers.append(Conv(*VGG16_CONVS[i], (3, 3), **kw))
             elif i in VGG16_POOLS:
                 layers.append(MaxPool2())
             else:
                 layers.append(ReLU())
         self.features = nnx.List(layers)
         for k, ch in enumerate(LPIPS_CHANNELS):
-            setattr(self, f"lin{k}", NetLinLayer(ch, rngs=rngs, dtype=dtype, param_dtype=param_dtype))
+            setattr(self, f"lin{k}", NetLinLayer(ch, **kw))
 
     def vgg_taps(self, x):
         """Scaled images [N, H, W, 3] → the five VGG16 activations (relu1_2 … relu5_3)."""
@@ -112,10 +112,6 @@ class LPIPS(nnx.Module):
 
 
 def _unit_normalize(x):
-    """lpips.normalize_tensor over channels: x / (‖x‖₂ + 1e-10).
-
-    The norm's square root is floored at 1e-15 (far below the 1e-10 eps, so values are unchanged):
-    where ReLU features are all zero, sqrt'(0) = inf would turn the zero gradient into NaN.
-    """
-    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-    return x / (jnp.sqrt(jnp.maximum(sq, 1e-30)) + NORMALIZE_EPS)
+    """lpips.normalize_tensor over channels: x / (‖x‖₂ + 1e-10). Where every channel is zero,
+    sqrt'(0) is inf, but that location's ReLU masks the gradient, so no NaN reaches the input."""
+    return x / (jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True)) + NORMALIZE_EPS)

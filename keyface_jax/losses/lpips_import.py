@@ -64,7 +64,8 @@ def check_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, tuple
         parts = [_listing(t, items) for t, items in (("missing keys", missing),
                                                       ("unexpected keys", unexpected),
                                                       ("shape mismatches", bad)) if items]
-        raise CheckpointError(f"{what} ({source}) does not match LPIPS-VGG v0.1:\n" + "\n".join(parts))
+        raise CheckpointError(f"{what} ({source}) does not match LPIPS-VGG v0.1:\n"
+                              + "\n".join(parts))
     return {k: np.asarray(state_dict[k]) for k in expected}
 
 
