@@ -74,16 +74,8 @@ def convert(config, source: str, input_path: str, output: str, fmt: str, with_va
     elif source == "svd":
         report = keyface_ckpt.init_from_svd(net, input_path, ae)
     elif source == "orbax":
-        restored = io.restore_orbax(input_path)
-        if "network" not in restored:
-            raise io.CheckpointError(f"{input_path}: an Orbax checkpoint without a 'network' item")
-        net_state = nnx.state(net, nnx.Param)
-        net_state.replace_by_pure_dict(restored["network"])
-        ae_state = None
-        if ae is not None and "autoencoder" in restored:
-            ae_state = nnx.state(ae, nnx.Param)
-            ae_state.replace_by_pure_dict(restored["autoencoder"])
-        report = keyface_ckpt.ImportReport(net_state, ae_state, [], [])
+        has_ae = ae is not None and "autoencoder" in io.restore_orbax(input_path)
+        report = keyface_ckpt.load_orbax_export(input_path, net, ae if has_ae else None)
     else:
         raise ValueError(f"unknown source {source!r}")
     steps.update()

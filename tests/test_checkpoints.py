@@ -266,6 +266,11 @@ def test_convert_cli_reference_to_safetensors_orbax_and_back(reference, tmp_path
     _assert_same(ckio.read_state_dict(tmp_path / "b.safetensors"), _without_lpips(sd))
     out = capsys.readouterr().out
     assert f"kind: {kind}" in out and "network_params:" in out
+    other = "interpolation" if kind == "keyframe" else "keyframe"
+    assert convert.main(["--config", f"configs/{other}.py:tiny", "--source", "orbax", "--input",
+                         str(tmp_path / "orbax"), "--output", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "the 'network' item does not fit the configured model" in err and "shape mismatches" in err
 
     assert convert.main(["--config", cfg, "--source", "reference", "--input",
                          str(tmp_path / "missing.pt"), "--output", str(tmp_path / "c.safetensors")]) == 2

@@ -185,3 +185,48 @@ def init_from_svd(network, path, autoencoder=None) -> ImportReport:
         ae_state = _load(autoencoder, ae_sd, "autoencoder", source)
         nnx.update(autoencoder, ae_state)
     return ImportReport(state, ae_state, sorted(ignored), sorted(kept))
+
+
+def fill_from_pure_dict(module, values: Mapping, source: str, item: str) -> nnx.State:
+    """The module's Param State with `values` (a nested dict of arrays), checked strictly."""
+    state = nnx.state(module, nnx.Param)
+    expected = {".".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(state)}
+    flat = {}
+
+    def walk(prefix, node):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(prefix + (str(k),), v)
+        else:
+            flat[".".join(prefix)] = node
+    walk((), values)
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    wrong = [f"{k}: file {tuple(np.shape(flat[k]))}, model {expected[k]}"
+             for k in sorted(set(flat) & set(expected)) if tuple(np.shape(flat[k])) != expected[k]]
+    if missing or unexpected or wrong:
+        parts = [f"{len(x)} {what}: {x[:10]}" for what, x in
+                 (("missing", missing), ("unexpected", unexpected), ("shape mismatches", wrong)) if x]
+        raise CheckpointError(f"{source}: the '{item}' item does not fit the configured model; "
+                              + "; ".join(parts))
+    state.replace_by_pure_dict(values)
+    return state
+
+
+def load_orbax_export(path, network, autoencoder=None) -> ImportReport:
+    """Reads an Orbax export of `keyface_jax.convert` ({"network", "autoencoder"} parameter trees)
+    into `network` (and `autoencoder` when given and present), with strict key/shape checks."""
+    from keyface_jax.checkpoints.io import restore_orbax
+
+    source = os.fspath(path)
+    restored = restore_orbax(source)
+    if "network" not in restored and autoencoder is None:
+        raise CheckpointError(f"{source}: an Orbax export without a 'network' item")
+    net_state = (fill_from_pure_dict(network, restored["network"], source, "network")
+                 if network is not None and "network" in restored else None)
+    ae_state = None
+    if autoencoder is not None:
+        if "autoencoder" not in restored:
+            raise CheckpointError(f"{source}: an Orbax export without an 'autoencoder' item")
+        ae_state = fill_from_pure_dict(autoencoder, restored["autoencoder"], source, "autoencoder")
+    return ImportReport(net_state, ae_state, [], [])

@@ -31,12 +31,7 @@ def pretrained_network(init_cfg, net_cfg, abstract_network, seed: int, dtype=Non
         report = keyface_ckpt.load_reference_checkpoint(path, abstract_network)
         return nnx.merge(graphdef, report.network)
     if source == "orbax":
-        restored = io.restore_orbax(path)
-        if "network" not in restored:
-            raise io.CheckpointError(f"{path}: an Orbax export without a 'network' item")
-        state = nnx.state(abstract_network, nnx.Param)
-        state.replace_by_pure_dict(restored["network"])
-        return nnx.merge(graphdef, state)
+        return nnx.merge(graphdef, keyface_ckpt.load_orbax_export(path, abstract_network).network)
     network = build_network(net_cfg, rngs=nnx.Rngs(seed), dtype=dtype)  # svd keeps some fresh values
     keyface_ckpt.init_from_svd(network, path)
     return network
@@ -55,11 +50,11 @@ def frozen_decoder(init_cfg, ae_cfg, dtype=None):
     decoder = model.decoder
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         restored = io.restore_orbax(path)
-        if "autoencoder" not in restored:
-            raise io.CheckpointError(f"{path}: an Orbax export without an 'autoencoder' item")
-        state = nnx.state(model, nnx.Param)
-        state.replace_by_pure_dict(restored["autoencoder"])
-        return nnx.merge(nnx.split(model)[0], state).decoder
+        if "decoder" not in restored.get("autoencoder", {}):
+            raise io.CheckpointError(f"{path}: an Orbax export without autoencoder decoder weights")
+        state = keyface_ckpt.fill_from_pure_dict(decoder, restored["autoencoder"]["decoder"], path,
+                                                 "autoencoder.decoder")
+        return nnx.merge(nnx.split(decoder)[0], state)
     sd = io.read_state_dict(path)
     prefix = "first_stage_model.decoder." if any(k.startswith("first_stage_model.") for k in sd) \
         else "decoder."
