@@ -16,12 +16,13 @@ DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def initial_noise(keys: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-    """Unit Gaussian noise [B, *shape], one draw per key [B], so a sample depends on its own key only
+    """Unit Gaussian noise [B, *shape], one draw per key [B]: a sample depends on its own key only
     (a batch of N clips matches N single-clip calls)."""
     return jax.vmap(lambda key: jax.random.normal(key, shape, dtype))(keys)
 
 
-def euler_step(x: jax.Array, denoised: jax.Array, sigma: jax.Array, sigma_next: jax.Array) -> jax.Array:
+def euler_step(x: jax.Array, denoised: jax.Array, sigma: jax.Array,
+               sigma_next: jax.Array) -> jax.Array:
     """One Euler step of dx/dσ = (x − D)/σ from σ to σ_next (scalars); σ_next = 0 gives x ≈ D."""
     return x + (sigma_next - sigma) * (x - denoised) / sigma
 

@@ -38,6 +38,7 @@ def linear_frame_scales(num_frames: int, min_scale=PREVIEW_MIN_SCALE,
 
 
 def linear_prediction_cfg(d_uncond, d_cond, frame_scales):
-    """Per-frame CFG (`LinearPredictionGuider`): d_u + s_t·(d_c − d_u), frame_scales [T] on axis 1."""
+    """Per-frame CFG (`LinearPredictionGuider`): d_u + s_t·(d_c − d_u), with frame_scales [T]
+    applied along the frame axis (axis 1)."""
     s = jnp.asarray(frame_scales, jnp.float32).reshape((1, -1) + (1,) * (d_cond.ndim - 2))
     return d_uncond + s * (d_cond - d_uncond)

@@ -15,7 +15,7 @@ def ays_sigmas(num_steps: int = AYS_MIN_STEPS) -> np.ndarray:
     As in the reference: num_steps = 10 gives the fixed 11-value list (11 Euler steps, 11 network
     evaluations; the reference's "11/12" progress bar), num_steps > 10 log-linearly interpolates
     that list onto num_steps points (num_steps evaluations), fewer than 10 is an error. So 10 and 11
-    give the same schedule; we keep that quirk so that configs mean what they meant in the reference.
+    give the same schedule; we keep that quirk so configs mean what they meant in the reference.
     """
     if num_steps < AYS_MIN_STEPS:
         raise ValueError(f"the AYS schedule needs num_steps >= {AYS_MIN_STEPS}, got {num_steps}")
