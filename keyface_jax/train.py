@@ -223,6 +223,11 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> RunSummary:
         bar.close()
         checkpoints.close()
         writer.close()
+    if jax.process_count() > 1:
+        # Leave together: a process that reaches jax.distributed's shutdown barrier far ahead of
+        # the others (e.g. process 0 finishing its logs) can time the barrier out.
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("keyface_train_end")
     steady = times[1:] or times
     mean_step = float(np.mean(steady)) if steady else None
     return RunSummary(start_step=int(start), final_step=step, losses=losses, preempted=preempted,
@@ -251,7 +256,10 @@ def main(argv=None) -> int:
         if jax.process_index() == 0:
             last = summary.losses.get(summary.final_step)
             print(f"done: steps {summary.start_step} → {summary.final_step}, final loss {last}, "
-                  f"mean step {summary.mean_step_seconds}, MFU {summary.mfu}, preempted {summary.preempted}")
+                  f"mean step {summary.mean_step_seconds}, MFU {summary.mfu}, preempted {summary.preempted}",
+                  flush=True)
+        if jax.process_count() > 1:
+            jax.distributed.shutdown()
 
     app.run(run, argv=argv or sys.argv)
     return 0

@@ -21,7 +21,8 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     num_processes = num_processes or int(os.environ.get("KEYFACE_NUM_PROCESSES", "0"))
     if process_id < 0:
         process_id = int(os.environ.get("KEYFACE_PROCESS_ID", "-1"))
-    kwargs = {}
+    # Generous barriers: on shared or preemptible hosts one process may finish minutes later.
+    kwargs = dict(shutdown_timeout_seconds=900, initialization_timeout=900)
     if local_device_ids:
         kwargs["local_device_ids"] = [int(i) for i in local_device_ids.split(",")]
     if coordinator_address:
