@@ -31,7 +31,7 @@ from keyface_jax.models.build import abstract_network
 from keyface_jax.models.keyface import build_network
 from keyface_jax.sharding import make_mesh
 from keyface_jax.training import batches as batch_lib
-from keyface_jax.training import initialization
+from keyface_jax.training import distributed, initialization
 from keyface_jax.training.checkpointing import PreemptionFlag, RunCheckpointer
 from keyface_jax.training.metrics import MetricWriter, compiled_flops, mfu, peak_flops_per_device
 from keyface_jax.training.optimizer import make_optimizer
@@ -167,6 +167,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> RunSummary:
     lowered = jitted.lower(state, first_batch, aux)
     flops = compiled_flops(lowered)
     compiled = lowered.compile()
+    distributed.barrier("keyface_compiled")
 
     writer = MetricWriter(workdir)
     preemption = PreemptionFlag()
@@ -223,11 +224,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> RunSummary:
         bar.close()
         checkpoints.close()
         writer.close()
-    if jax.process_count() > 1:
-        # Leave together: a process that reaches jax.distributed's shutdown barrier far ahead of
-        # the others (e.g. process 0 finishing its logs) can time the barrier out.
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("keyface_train_end")
+    # Leave together: a process far ahead at jax.distributed's shutdown barrier can time it out.
+    distributed.barrier("keyface_train_end")
     steady = times[1:] or times
     mean_step = float(np.mean(steady)) if steady else None
     return RunSummary(start_step=int(start), final_step=step, losses=losses, preempted=preempted,
@@ -248,7 +246,6 @@ def main(argv=None) -> int:
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run(_):
-        from keyface_jax.training import distributed
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
                                flags.FLAGS.process_id)

@@ -36,3 +36,15 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
         return
     log.info("jax.distributed: process %d of %d, %d local / %d global devices",
              jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def barrier(name: str, timeout_seconds: int = 900) -> None:
+    """Waits until every process arrives, through the coordination service (not a collective).
+
+    Gloo sets up a collective context at the first cross-process computation and gives the other
+    processes only 30 s to join; on shared or busy hosts compilation can skew processes by more,
+    so the trainer lines them up here first."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # no public barrier with a timeout
+    jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_seconds * 1000)
