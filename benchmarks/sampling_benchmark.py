@@ -39,6 +39,7 @@ from flax import nnx  # noqa: E402
 from configs import interpolation, keyframe  # noqa: E402
 from keyface_jax.config_lib import network_config  # noqa: E402
 from keyface_jax.diffusion.scalings import vscaling  # noqa: E402
+from keyface_jax.models import build  # noqa: E402
 from keyface_jax.models.keyface import build_network  # noqa: E402
 from keyface_jax.sampling import guided, sampler  # noqa: E402
 from keyface_jax.sampling.euler import euler_step, initial_noise  # noqa: E402
@@ -63,16 +64,8 @@ def random_network(kind: str, variant: str, seed: int = 0):
 
 
 def random_conditions(config, batch: int, frames: int, seed: int = 1) -> dict:
-    rng = np.random.default_rng(seed)
-    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    s, c = config.latent_size, config.latent_channels
-    conds = dict(audio=f(batch, frames, config.audio_tokens_per_frame, config.audio_dim))
-    if config.kind == "keyframe":
-        conds.update(identity=f(batch, s, s, c), valence=jnp.tanh(f(batch, frames)),
-                     arousal=jnp.tanh(f(batch, frames)))
-    else:
-        conds.update(first=f(batch, s, s, c), last=f(batch, s, s, c))
-    return conds
+    conds = build.random_conditions(config, batch, frames, np.random.default_rng(seed))
+    return {k: jnp.asarray(v) for k, v in conds.items()}
 
 
 def compile_with_cost(fn, *args):

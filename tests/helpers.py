@@ -15,6 +15,7 @@ from flax import nnx
 
 from configs import interpolation, keyframe
 from keyface_jax.config_lib import network_config
+from keyface_jax.models.build import random_conditions
 from keyface_jax.models.keyface import build_network
 
 
@@ -53,15 +54,9 @@ def tiny_network(kind: str, seed: int = 0, config=None, **kw):
 def network_inputs(config, batch: int = 2, frames: int = 4, seed: int = 1) -> dict:
     rng = np.random.default_rng(seed)
     s, c = config.latent_size, config.latent_channels
-    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    inputs = dict(x=f(batch, frames, s, s, c), c_noise=f(batch),
-                  audio=f(batch, frames, config.audio_tokens_per_frame, config.audio_dim))
-    if config.kind == "keyframe":
-        inputs.update(identity=f(batch, s, s, c), valence=jnp.tanh(f(batch, frames)),
-                      arousal=jnp.tanh(f(batch, frames)))
-    else:
-        inputs.update(first=f(batch, s, s, c), last=f(batch, s, s, c))
-    return inputs
+    inputs = dict(x=rng.standard_normal((batch, frames, s, s, c)), c_noise=rng.standard_normal(batch))
+    inputs.update(random_conditions(config, batch, frames, rng))
+    return {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
 
 
 @functools.partial(jax.jit, static_argnums=0)

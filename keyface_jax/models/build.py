@@ -48,3 +48,18 @@ def forward_flops(config: KeyFaceConfig, batch: int = 1, frames: int = 14, dtype
     cost = jax.jit(forward).lower(state, inputs).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", float("nan")))
+
+
+def random_conditions(config: KeyFaceConfig, batch: int, frames: int,
+                      rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Seeded Gaussian conditions of one network call: audio, and identity + valence/arousal
+    (keyframe) or first/last (interpolation); emotions squashed into [−1, 1]."""
+    s, c = config.latent_size, config.latent_channels
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    conds = dict(audio=f(batch, frames, config.audio_tokens_per_frame, config.audio_dim))
+    if config.kind == "keyframe":
+        conds.update(identity=f(batch, s, s, c), valence=np.tanh(f(batch, frames)),
+                     arousal=np.tanh(f(batch, frames)))
+    else:
+        conds.update(first=f(batch, s, s, c), last=f(batch, s, s, c))
+    return conds
