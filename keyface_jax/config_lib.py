@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 import jax.numpy as jnp
 
 from keyface_jax.models.autoencoder import VAEConfig
@@ -42,3 +46,15 @@ def autoencoder_config(ae_cfg, *, use_encoder: bool = True, dtype=None) -> VAECo
                      block_out_channels=tuple(ae_cfg.block_out_channels),
                      layers_per_block=ae_cfg.layers_per_block, latent_channels=ae_cfg.latent_channels,
                      use_quant_conv=ae_cfg.use_quant_conv, use_encoder=use_encoder, dtype=dtype)
+
+
+def load_config(spec: str):
+    """'configs/keyframe.py:full' → the ConfigDict of that file's get_config(arg)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise SystemExit(f"config: no such file {path!r} (from {spec!r})")
+    module_spec = importlib.util.spec_from_file_location("keyface_user_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()

@@ -19,7 +19,6 @@ whose paths are the NNX module paths; safetensors output uses the reference's ke
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -29,21 +28,9 @@ from flax import nnx
 from tqdm import tqdm
 
 from keyface_jax.checkpoints import io, keyface_ckpt
-from keyface_jax.config_lib import autoencoder_config, network_config
+from keyface_jax.config_lib import autoencoder_config, load_config, network_config
 from keyface_jax.models.autoencoder import AutoencoderKL
 from keyface_jax.models.keyface import build_network
-
-
-def load_config(spec: str):
-    """'configs/keyframe.py:full' → the ConfigDict of that file's get_config(arg)."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise SystemExit(f"--config: no such file {path!r}")
-    module_spec = importlib.util.spec_from_file_location("keyface_user_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
 
 
 def _modules(config, source: str, with_vae: bool):

@@ -181,38 +181,89 @@ def read_frames(path: str | os.PathLike, fps: float = 25.0) -> tuple[np.ndarray,
     return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8), reader
 
 
+class VideoWriter:
+    """Streams RGB frames into a container (mp4, mov, mkv), then muxes optional audio at close:
+    memory holds one frame at a time, whatever the clip length.
+
+        with VideoWriter(path, 25, audio=waveform) as writer:
+            for chunk in chunks:
+                writer.write(chunk)          # uint8 [n, H, W, 3] (H, W even for yuv420p)
+
+    pcm_s16le audio fits in mp4 with PyAV's bundled FFmpeg (not with Debian's ffmpeg 5.1)."""
+
+    def __init__(self, path: str | os.PathLike, fps: float, *, audio: np.ndarray | None = None,
+                 audio_rate: int = 16_000, video_codec: str = "libx264", audio_codec: str = "aac",
+                 crf: int | None = 18, faststart: bool = False):
+        self.path = os.fspath(path)
+        self._rate = fractions.Fraction(fps).limit_denominator(1001)
+        self._codec, self._crf = video_codec, crf
+        self._audio, self._audio_rate, self._audio_codec = audio, audio_rate, audio_codec
+        options = {"movflags": "faststart"} if faststart else {}
+        self._container = av.open(self.path, "w", options=options)
+        self._video = None
+        self.frames_written = 0
+
+    def _open_stream(self, height: int, width: int) -> None:
+        self._video = self._container.add_stream(self._codec, rate=self._rate)
+        self._video.width, self._video.height = width, height
+        self._video.pix_fmt = "yuv420p"
+        if self._crf is not None and self._codec == "libx264":
+            self._video.options = {"crf": str(self._crf)}
+        if self._audio is not None:  # streams must all exist before the first packet is muxed
+            self._audio = np.asarray(self._audio, np.float32)
+            self._audio = self._audio[:, None] if self._audio.ndim == 1 else self._audio
+            layout = {1: "mono", 2: "stereo"}[self._audio.shape[1]]
+            self._audio_stream = self._container.add_stream(self._audio_codec, rate=self._audio_rate,
+                                                            layout=layout)
+
+    def write(self, frames: np.ndarray) -> None:
+        """uint8 frames [n, H, W, 3] (or one [H, W, 3]); every call must keep the same size."""
+        frames = np.asarray(frames)
+        frames = frames[None] if frames.ndim == 3 else frames
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8 [N, H, W, 3], got {frames.dtype} {frames.shape}")
+        if self._video is None:
+            self._open_stream(frames.shape[1], frames.shape[2])
+        elif (frames.shape[1], frames.shape[2]) != (self._video.height, self._video.width):
+            raise ValueError(f"{self.path}: frame size {frames.shape[1:3]} differs from the stream's "
+                             f"{(self._video.height, self._video.width)}")
+        for image in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            frame.pts, frame.time_base = self.frames_written, 1 / self._rate
+            self._container.mux(self._video.encode(frame))
+            self.frames_written += 1
+
+    def close(self) -> None:
+        if self._container is None:
+            return
+        try:
+            if self._video is not None:
+                self._container.mux(self._video.encode(None))
+                if self._audio is not None:
+                    _write_audio(self._container, self._audio_stream, self._audio, self._audio_rate)
+        finally:
+            self._container.close()
+            self._container = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, *,
                 audio: np.ndarray | None = None, audio_rate: int = 16_000,
                 video_codec: str = "libx264", audio_codec: str = "aac",
                 crf: int | None = 18, faststart: bool = False) -> None:
     """Writes RGB frames [N, H, W, 3] uint8 (H, W even for yuv420p) and optional audio
-    ([samples] mono or [samples, channels], float in [-1, 1]) into a container (mp4, mov, mkv).
-
-    pcm_s16le audio fits in mp4 with PyAV's bundled FFmpeg (not with Debian's ffmpeg 5.1)."""
+    ([samples] mono or [samples, channels], float in [-1, 1]) in one go (see `VideoWriter`)."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [N, H, W, 3], got {frames.dtype} {frames.shape}")
-    options = {"movflags": "faststart"} if faststart else {}
-    rate = fractions.Fraction(fps).limit_denominator(1001)
-    with av.open(os.fspath(path), "w", options=options) as container:
-        video = container.add_stream(video_codec, rate=rate)
-        video.width, video.height = frames.shape[2], frames.shape[1]
-        video.pix_fmt = "yuv420p"
-        if crf is not None and video_codec == "libx264":
-            video.options = {"crf": str(crf)}
-        astream = None
-        if audio is not None:
-            audio = np.asarray(audio, np.float32)
-            audio = audio[:, None] if audio.ndim == 1 else audio
-            layout = {1: "mono", 2: "stereo"}[audio.shape[1]]
-            astream = container.add_stream(audio_codec, rate=audio_rate, layout=layout)
-        for k, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            frame.pts, frame.time_base = k, 1 / rate
-            container.mux(video.encode(frame))
-        container.mux(video.encode(None))
-        if astream is not None:
-            _write_audio(container, astream, audio, audio_rate)
+    with VideoWriter(path, fps, audio=audio, audio_rate=audio_rate, video_codec=video_codec,
+                     audio_codec=audio_codec, crf=crf, faststart=faststart) as writer:
+        writer.write(frames)
 
 
 def _write_audio(container, stream, audio: np.ndarray, rate: int) -> None:

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from keyface_jax.diffusion.scalings import denoise
+from keyface_jax.models.autoencoder import to_diffusion_space
 from keyface_jax.sampling import guidance, guided
 from keyface_jax.sampling.euler import initial_noise, sample
 from keyface_jax.sampling.schedules import AYS_MIN_STEPS, ays_sigmas
@@ -63,17 +65,36 @@ def sample_keyframes(graphdef: nnx.GraphDef, state: nnx.State, conditions: Mappi
                       jnp.float32(audio_scale), jnp.float32(ref_scale))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _interpolation(graphdef, good_state, bad_state, conditions, keys, sigmas, scale):
-    denoise_fn = guided.autoguidance_denoiser(nnx.merge(graphdef, good_state),
-                                              nnx.merge(graphdef, bad_state), conditions, scale)
+def pin_endpoints(denoise_fn, first_z: jax.Array, last_z: jax.Array):
+    """D(x; σ) with frames 0 and −1 replaced by the known keyframes (diffusion space) at every
+    step, so the trajectory ends exactly on them and adjacent segments agree on their shared
+    boundary frame throughout. This is what the reference's per-step multi-diffusion averaging of
+    overlapping boundaries was for (its loop never ran, spec §9.2); pinning needs no traffic
+    between segments, so segments can be packed into any batch."""
+    def pinned(x, sigma):
+        d = denoise_fn(x, sigma)
+        return d.at[:, 0].set(first_z.astype(d.dtype)).at[:, -1].set(last_z.astype(d.dtype))
+    return pinned
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "pin"))
+def _interpolation(graphdef, good_state, bad_state, conditions, keys, sigmas, scale, pin=False):
+    good = nnx.merge(graphdef, good_state)
+    if bad_state is None:  # no weaker network: the plain conditional denoiser
+        denoise_fn = lambda x, sigma: denoise(good, x, sigma, **conditions)
+    else:
+        denoise_fn = guided.autoguidance_denoiser(good, nnx.merge(graphdef, bad_state), conditions,
+                                                  scale)
+    if pin:
+        denoise_fn = pin_endpoints(denoise_fn, to_diffusion_space(conditions["first"]),
+                                   to_diffusion_space(conditions["last"]))
     return sample(denoise_fn, initial_noise(keys, latent_shape(conditions)), sigmas)
 
 
-def sample_interpolation(graphdef: nnx.GraphDef, good_state: nnx.State, bad_state: nnx.State,
+def sample_interpolation(graphdef: nnx.GraphDef, good_state: nnx.State, bad_state: nnx.State | None,
                          conditions: Mapping[str, jax.Array], keys: jax.Array, *,
                          num_steps: int = AYS_MIN_STEPS, scale: float = guidance.AUTOGUIDANCE_SCALE,
-                         share_audio_proj: bool = True) -> jax.Array:
+                         share_audio_proj: bool = True, pin_boundaries: bool = False) -> jax.Array:
     """In-between frames with autoguidance by a weaker interpolation network.
 
     The two networks run as two calls per step, not one vmap over stacked parameters: on CPU the
@@ -82,18 +103,20 @@ def sample_interpolation(graphdef: nnx.GraphDef, good_state: nnx.State, bad_stat
 
     Args:
       graphdef: the InterpolationNet graphdef, shared by both networks.
-      good_state, bad_state: the main and the weaker ("bad") network's parameters.
+      good_state, bad_state: the main and the weaker ("bad") network's parameters; bad_state None
+        samples with the main network's conditional prediction alone (one call per step).
       conditions: first/last [B,h,w,C] raw latents, audio [B,T,tokens,D].
       keys: [B] PRNG keys, one per segment.
       scale: autoguidance weight w in D_bad + w·(D_good − D_bad) (traced).
       share_audio_proj: run the bad network with the good one's audio projection, as the reference.
+      pin_boundaries: hold frames 0 and −1 on the condition latents at every step (`pin_endpoints`).
     Returns:
       [B, T, h, w, C] float32 diffusion-space latents (endpoints included).
     """
-    if share_audio_proj:
+    if share_audio_proj and bad_state is not None:
         bad_state = share_audio_projection(bad_state, good_state)
     return _interpolation(graphdef, good_state, bad_state, dict(conditions), keys,
-                          ays_sigmas(num_steps), jnp.float32(scale))
+                          ays_sigmas(num_steps), jnp.float32(scale), pin=bool(pin_boundaries))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -1,0 +1,114 @@
+"""Python API: build a Generator from configs + weights, and run requests (one clip or a manifest)
+with per-clip errors, resume and a summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Sequence
+
+from keyface_jax.audio import get_extractor
+from keyface_jax.config_lib import load_config
+from keyface_jax.generation import weights
+from keyface_jax.generation.inputs import ClipError, ClipRequest, load_clip
+from keyface_jax.generation.manifest import Summary
+from keyface_jax.generation.pipeline import GenerationOptions, Generator, Network, partial_path
+from keyface_jax.media.face_crop import make_detector
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ModelSources:
+    keyframe_config: str = "configs/keyframe.py:tiny"
+    interpolation_config: str = "configs/interpolation.py:tiny"
+    keyframe: str = "random"              # run folder[@step] | Orbax export | reference ckpt | random
+    interpolation: str = "random"
+    interpolation_bad: str = "auto"       # auto | none | a weights source
+    autoencoder: str = "random"           # Orbax export / autoencoder run | random
+    audio_features: str = ""              # extractor spec; default logmel:<audio_dim>
+    interpolation_audio_features: str = ""  # default: the keyframe stage's
+    detector: str = "centre"              # centre | haar
+    use_ema: bool = True
+    weights_seed: int = 0                 # for "random" weights
+
+
+def _bad_source(sources: ModelSources) -> str | None:
+    """`auto`: the interpolation run's earliest checkpoint when it has two or more (the reference's
+    bad model was an earlier checkpoint of the same run family, spec §5); otherwise none."""
+    spec = sources.interpolation_bad
+    if spec == "none":
+        return None
+    if spec != "auto":
+        return spec
+    steps = weights.run_steps(sources.interpolation)
+    if len(steps) >= 2:
+        return f"{sources.interpolation}@{steps[0]}"
+    log.info("no weaker interpolation network (autoguidance off): pass --interpolation_bad")
+    return None
+
+
+class Setup:
+    """Configs, networks, autoencoder and audio extractors, loaded once."""
+
+    def __init__(self, sources: ModelSources, options: GenerationOptions = GenerationOptions()):
+        self.sources = sources
+        self.kf_config = load_config(sources.keyframe_config)
+        self.ip_config = load_config(sources.interpolation_config)
+        kf_model, ip_model = self.kf_config.model, self.ip_config.model
+        if kf_model.latent_size != ip_model.latent_size or kf_model.audio_dim != ip_model.audio_dim:
+            raise ValueError(f"{sources.keyframe_config} and {sources.interpolation_config} disagree on "
+                             "latent_size / audio_dim")
+        self.image_size = 8 * kf_model.latent_size
+        self.audio_dim = kf_model.audio_dim
+        load = lambda cfg, src, seed: Network(*weights.load_network(cfg, src, seed=seed,
+                                                                    use_ema=sources.use_ema)[:2])
+        keyframe = load(self.kf_config, sources.keyframe, sources.weights_seed)
+        interpolation = load(self.ip_config, sources.interpolation, sources.weights_seed + 1)
+        bad = _bad_source(sources)
+        self.bad_description = bad
+        bad_net = load(self.ip_config, bad, sources.weights_seed + 2) if bad else None
+        autoencoder = weights.load_autoencoder(self.kf_config.autoencoder, sources.autoencoder,
+                                               seed=sources.weights_seed)
+        self.generator = Generator(keyframe, interpolation, autoencoder, bad_net, options)
+        spec = sources.audio_features or f"logmel:{self.audio_dim}"
+        self.keyframe_features = get_extractor(spec)
+        ip_spec = sources.interpolation_audio_features or spec
+        self.interpolation_features = self.keyframe_features if ip_spec == spec else get_extractor(ip_spec)
+        self.detector = make_detector(sources.detector)
+
+    def load(self, request: ClipRequest):
+        return load_clip(request, image_size=self.image_size, audio_dim=self.audio_dim,
+                         keyframe_features=self.keyframe_features,
+                         interpolation_features=self.interpolation_features, detector=self.detector)
+
+
+def run(setup: Setup, requests: Sequence[ClipRequest], summary_path: str, *,
+        clips_per_group: int = 16, progress: bool = True) -> Summary:
+    """Generates every request whose output does not exist yet, `clips_per_group` clips per
+    batched pass (bounds the memory held by decoded inputs). Bad clips are recorded and skipped."""
+    summary = Summary(summary_path)
+    todo = []
+    for request in requests:
+        if os.path.isfile(request.output):
+            summary.record(request.name, status="done", output=request.output, note="existing output kept")
+            continue
+        if os.path.exists(partial_path(request.output)):
+            os.remove(partial_path(request.output))   # an interrupted earlier run
+        todo.append(request)
+    for start in range(0, len(todo), clips_per_group):
+        group, clips = todo[start:start + clips_per_group], []
+        for request in group:
+            try:
+                clips.append(setup.load(request))
+            except ClipError as e:
+                log.error("%s: %s", request.name, e)
+                summary.record(request.name, status="error", error=str(e))
+        if not clips:
+            continue
+        done = lambda c, result: summary.record(result["name"], status="done", **{
+            k: v for k, v in result.items() if k != "name"})
+        setup.generator.generate(clips, [c.request.output for c in clips], on_done=done,
+                                 progress=progress)
+    return summary
