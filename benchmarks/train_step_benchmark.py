@@ -40,7 +40,9 @@ the process may run on, so with --threads below the machine's core count both wo
 the same first `threads` CPUs with sched_setaffinity). The JAX worker builds, compiles and writes the
 synthetic batch to a temporary .npz that the torch worker then loads. Timed steps then alternate
 J T J T ..., one step each, with a short pause between, so that load from other processes on a
-shared machine hits both sides alike; medians are reported. Each worker also times a large fp32
+shared machine hits both sides alike; medians are reported, with the speed-up torch time / JAX time
+(> 1: JAX faster) and, per round, the same ratio of the two adjacent steps. The torch worker runs with
+OMP_WAIT_POLICY=PASSIVE (--torch-omp-wait). Each worker also times a large fp32
 matmul (the same size in jax and torch, alternated the same way); the better of the two is the
 "measured peak" used for MFU (the device peak table has no CPU entry).
 
@@ -403,6 +405,14 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def _torch_env(env: dict, omp_wait: str) -> dict:
+    """The torch worker's environment: OMP_WAIT_POLICY must be set before libgomp starts."""
+    env = dict(env)
+    if omp_wait != "default":
+        env["OMP_WAIT_POLICY"] = omp_wait.upper()
+    return env
+
+
 def bench_variant(variant: str, batch: int, frames: int, args) -> dict:
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -416,7 +426,8 @@ def bench_variant(variant: str, batch: int, frames: int, args) -> dict:
             jax_info = jw.read()
             print(f"[{variant}] JAX compiled in {jax_info['compile_s']:.1f} s; building torch...",
                   flush=True)
-            tw = Worker("torch", variant, batch, frames, args.threads, batch_file, extra, env)
+            tw = Worker("torch", variant, batch, frames, args.threads, batch_file, extra,
+                        _torch_env(env, args.torch_omp_wait))
             try:
                 torch_info = tw.read()
                 times = {"jax": [], "torch": []}
@@ -470,8 +481,9 @@ def bench_variant(variant: str, batch: int, frames: int, args) -> dict:
                    flop_counter_mode_flops_per_step=torch_counted_flops, max_rss_mb=torch_rss,
                    affinity=torch_info["affinity"], version=torch_info["version"],
                    losses=losses["torch"]),
+        speedup_torch_over_jax=torch_s / jax_s,
         ratio_jax_over_torch=jax_s / torch_s,
-        ratio_per_round=[j / t for j, t in zip(times["jax"], times["torch"])],
+        speedup_per_round=[t / j for j, t in zip(times["jax"], times["torch"])],
         peak=dict(matmul_n=args.peak_n, flops_per_s=peak, best_by_framework=peak_by,
                   all_flops_per_s=peaks),
         all_step_times_s=times,
@@ -480,7 +492,7 @@ def bench_variant(variant: str, batch: int, frames: int, args) -> dict:
 
 def _print_table(results: dict) -> None:
     head = (f"{'variant':8} {'B×T':>6} {'params':>9} {'compile s':>9} {'JAX step s':>10} "
-            f"{'torch step s':>12} {'JAX/torch':>9} {'JAX ex/s':>9} {'GFLOP/step':>10} "
+            f"{'torch step s':>12} {'torch/JAX':>9} {'JAX ex/s':>9} {'GFLOP/step':>10} "
             f"{'GFLOP/s':>8} {'peak GF/s':>9} {'MFU':>6}")
     print(head)
     print("-" * len(head))
@@ -488,7 +500,7 @@ def _print_table(results: dict) -> None:
         j = r["jax"]
         print(f"{variant:8} {r['batch']}×{r['frames']:<4} {r['params']['jax'] / 1e6:8.2f}M "
               f"{j['compile_s']:9.1f} {j['step_s_median']:10.3f} {r['torch']['step_s_median']:12.3f} "
-              f"{r['ratio_jax_over_torch']:9.3f} {j['examples_per_s']:9.2f} "
+              f"{r['speedup_torch_over_jax']:9.3f} {j['examples_per_s']:9.2f} "
               f"{j['flops_per_step'] / 1e9:10.2f} {j['achieved_flops_per_s'] / 1e9:8.1f} "
               f"{r['peak']['flops_per_s'] / 1e9:9.1f} {100 * j['mfu_vs_measured_peak']:5.1f}%")
 

@@ -76,10 +76,21 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         dtype = self.dtype or x.dtype
-        y = jnp.dot(_cast(x, dtype), self.kernel[...].astype(dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
-        return y
+        return dense(_cast(x, dtype), self.kernel[...].astype(dtype),
+                     None if self.bias is None else self.bias[...].astype(dtype))
+
+
+def dense(x, kernel, bias=None):
+    """x [..., in] @ kernel [in, out] (+ bias) as one 2-D matmul over the flattened leading dims.
+
+    Same products and sums as `jnp.dot` on the N-d array; the 2-D form matters for the backward
+    pass on XLA:CPU, which lowers the kernel gradient of an N-d dot (a contraction over all the
+    leading dims) to transposed copies of the activations plus its slow generic dot, while the 2-D
+    form gives one canonical GEMM (≈ 20 % of a CPU training step; no effect on accelerators)."""
+    lead = x.shape[:-1]
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
+    y = y.reshape(*lead, kernel.shape[-1])
+    return y if bias is None else y + bias
 
 
 class Conv(nnx.Module):
@@ -103,15 +114,36 @@ class Conv(nnx.Module):
 
     def __call__(self, x):
         dtype = self.dtype or x.dtype
-        nd = self.kernel.ndim - 2
-        spatial = "DHW"[-nd:] if nd <= 3 else None
-        dn = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
-        y = jax.lax.conv_general_dilated(
-            _cast(x, dtype), self.kernel[...].astype(dtype), window_strides=self.strides,
-            padding=[(p, p) for p in self.padding], dimension_numbers=dn)
+        x, kernel = _cast(x, dtype), self.kernel[...].astype(dtype)
+        if self._is_temporal_only():
+            y = self._temporal_as_2d(x, kernel)
+        else:
+            nd = kernel.ndim - 2
+            spatial = "DHW"[-nd:] if nd <= 3 else None
+            dn = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+            y = jax.lax.conv_general_dilated(
+                x, kernel, window_strides=self.strides,
+                padding=[(p, p) for p in self.padding], dimension_numbers=dn)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
+
+    def _is_temporal_only(self) -> bool:
+        """A (k, 1, 1) kernel on [N, T, H, W, C] with unit strides and no spatial padding."""
+        return (self.kernel.ndim == 5 and tuple(self.kernel.shape[1:3]) == (1, 1)
+                and self.strides == (1, 1, 1) and tuple(self.padding[1:]) == (0, 0))
+
+    def _temporal_as_2d(self, x, kernel):
+        """The (k, 1, 1) convolution as a 2-D one with a (k, 1) window over [N, T, H·W, C]: the
+        same products and sums (each pixel only meets itself in other frames), but XLA:CPU runs
+        2-D convolutions through its fast library path and 3-D ones through a slow generic loop."""
+        n, t, h, w, c = x.shape
+        k = kernel.shape[0]
+        y = jax.lax.conv_general_dilated(
+            x.reshape(n, t, h * w, c), kernel.reshape(k, 1, *kernel.shape[3:]), window_strides=(1, 1),
+            padding=[(self.padding[0], self.padding[0]), (0, 0)],
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y.reshape(n, y.shape[1], h, w, y.shape[-1])
 
 
 class GroupNorm(nnx.Module):
