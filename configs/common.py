@@ -72,15 +72,23 @@ def model_config(kind: str, variant: str) -> ml_collections.ConfigDict:
     ))
 
 
+def autoencoder_section(variant: str) -> ml_collections.ConfigDict:
+    """The `autoencoder` section (architecture + the frame size it encodes), shared by the
+    diffusion configs (frozen decoder, data preparation) and configs/autoencoder.py (training it)."""
+    if variant not in AUTOENCODER_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(AUTOENCODER_VARIANTS)}")
+    return ml_collections.ConfigDict(dict(
+        AUTOENCODER_VARIANTS[variant], in_channels=3, out_channels=3, latent_channels=4,
+        use_quant_conv=True, image_size=8 * LATENT_SIZE[variant]))
+
+
 def base_config(kind: str, arg: str) -> ml_collections.ConfigDict:
     args = parse_arg(arg)
     variant = args["variant"]
     config = ml_collections.ConfigDict()
     config.variant = variant
     config.model = model_config(kind, variant)
-    config.autoencoder = ml_collections.ConfigDict(dict(
-        AUTOENCODER_VARIANTS[variant], in_channels=3, out_channels=3, latent_channels=4,
-        use_quant_conv=True, image_size=8 * LATENT_SIZE[variant]))
+    config.autoencoder = autoencoder_section(variant)
     config.num_frames = int(args.get("frames", 14))
     config.seed = int(args.get("seed", 0))
     add_training_sections(config, kind, variant)

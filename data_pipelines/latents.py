@@ -72,12 +72,38 @@ def _read_weights(path: str) -> tuple[dict | None, dict]:
     return None, sd
 
 
+def _is_orbax_export(path: str) -> bool:
+    """An Orbax folder (ours: `keyface_jax.convert`, the autoencoder trainer's `export/`), as opposed
+    to a diffusers folder, which has a config.json (in it or in its vae/)."""
+    return (os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json"))
+            and not os.path.isdir(os.path.join(path, "vae"))
+            and any(os.path.exists(os.path.join(path, m)) for m in ("_CHECKPOINT_METADATA", "_METADATA")))
+
+
+def _load_orbax_encoder(path: str, cfg: VAEConfig) -> AutoencoderKL:
+    """The encoder (+ quant_conv) of an Orbax export's "autoencoder" item, strictly checked
+    against `cfg`'s architecture (the decoder weights are dropped)."""
+    from keyface_jax.checkpoints.io import CheckpointError, restore_orbax
+    from keyface_jax.checkpoints.keyface_ckpt import fill_from_pure_dict
+    tree = restore_orbax(path).get("autoencoder")
+    if not tree or "encoder" not in tree:
+        raise CheckpointError(f"{path}: an Orbax export without autoencoder encoder weights")
+    cfg = dataclasses.replace(cfg, use_quant_conv="quant_conv" in tree)
+    model = _encoder_only(cfg)
+    encoder_tree = {k: v for k, v in tree.items() if k != "decoder"}
+    nnx.update(model, fill_from_pure_dict(model, encoder_tree, path, "autoencoder"))
+    return model
+
+
 def load_encoder(path: str, cfg: VAEConfig) -> AutoencoderKL:
-    """Encoder weights from `path` (see `_read_weights`); `cfg` gives the architecture when the
-    source has no diffusers config.json, and its dtype is kept."""
+    """Encoder weights from `path`: an Orbax export with an "autoencoder" item, or see
+    `_read_weights`; `cfg` gives the architecture when the source has no diffusers config.json,
+    and its dtype is kept."""
     from keyface_jax.checkpoints.diffusers_vae import (diffusers_vae_state_dict_to_sgm,
                                                         vae_config_from_diffusers)
     from keyface_jax.checkpoints.nnx_torch import load_torch_state_dict
+    if _is_orbax_export(path):
+        return _load_orbax_encoder(path, cfg)
     dcfg, sd = _read_weights(path)
     if dcfg is not None:
         cfg = vae_config_from_diffusers(dcfg, dtype=cfg.dtype)

@@ -24,7 +24,8 @@ config_flags.DEFINE_config_file("config", None, "model config (autoencoder, audi
                                 lock_config=True)
 flags.DEFINE_string("videos", None, "folder of videos or a list file", required=True)
 flags.DEFINE_string("output", None, "dataset folder", required=True)
-flags.DEFINE_string("vae", None, "SVD VAE weights (diffusers folder or file), or 'random'",
+flags.DEFINE_string("vae", None, "SVD VAE weights (diffusers folder or file), an Orbax export "
+                    "with an autoencoder (e.g. the autoencoder trainer's WORKDIR/export), or 'random'",
                     required=True)
 flags.DEFINE_string("name", preparation.tfds_io.DATASET_NAME, "TFDS dataset name")
 flags.DEFINE_string("audio_features", "", "audio extractor spec; default logmel:<audio_dim>")

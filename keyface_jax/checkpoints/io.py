@@ -241,19 +241,27 @@ def write_safetensors(state_dict: Mapping[str, Any], path: str | os.PathLike,
             os.remove(tmp)
 
 
-def save_orbax(path: str | os.PathLike, pytree: Any) -> None:
+def save_orbax(path: str | os.PathLike, pytree: Any, *, only_this_process: bool = False) -> None:
     """Save a pytree of arrays (nested dict, ``nnx.State``) as an orbax checkpoint.
 
     Waits for completion. Writes to a sibling temp folder first and swaps it in,
     so an existing checkpoint at ``path`` is replaced only by a complete one.
+    ``only_this_process``: in a multi-process job, one process writes host (numpy) arrays
+    alone, without the cross-process barriers orbax otherwise waits on.
     """
+    import jax
     import orbax.checkpoint as ocp
 
     dst = os.path.abspath(os.fspath(path))
     folder, tmp = _atomic_target(dst)
     old = os.path.join(folder, f".{os.path.basename(dst)}.old-{uuid.uuid4().hex}")
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        options = {}
+        if only_this_process:
+            me = jax.process_index()
+            options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me})
+        with ocp.StandardCheckpointer(**options) as ckptr:
             ckptr.save(tmp, pytree)
             ckptr.wait_until_finished()
         if os.path.exists(dst):

@@ -33,12 +33,9 @@ def _split_micro_batches(batch: Mapping, accum_steps: int) -> Mapping:
 def make_train_step(graphdef, objective: ObjectiveConfig, tx: optax.GradientTransformation,
                     schedule: Callable, *, accum_steps: int = 1, ema_decay: float = 0.0,
                     nan_policy: str = "stop", aux_graphdefs: Mapping[str, Any] | None = None):
-    """Builds step(state, batch, aux) → (state, metrics). `aux` holds frozen helper networks'
-    states (the VAE decoder / LPIPS of the pixel losses) with graphdefs in `aux_graphdefs`."""
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"config.train.nan_policy: {nan_policy!r}; choose one of {NAN_POLICIES}")
-    if accum_steps < 1:
-        raise ValueError(f"config.optim.accum_steps must be >= 1, got {accum_steps}")
+    """Builds step(state, batch, aux) → (state, metrics) of the diffusion objective. `aux` holds
+    frozen helper networks' states (the VAE decoder / LPIPS of the pixel losses) with graphdefs in
+    `aux_graphdefs`."""
     aux_graphdefs = dict(aux_graphdefs or {})
 
     def loss_fn(params, frozen, batch, key, aux):
@@ -46,6 +43,20 @@ def make_train_step(graphdef, objective: ObjectiveConfig, tx: optax.GradientTran
         helpers = {name: nnx.merge(aux_graphdefs[name], state) for name, state in aux.items()}
         return keyface_loss(network, batch, key, objective, decoder=helpers.get("decoder"),
                             lpips=helpers.get("lpips"))
+
+    return make_update_step(loss_fn, tx, schedule, accum_steps=accum_steps, ema_decay=ema_decay,
+                            nan_policy=nan_policy)
+
+
+def make_update_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable, *,
+                     accum_steps: int = 1, ema_decay: float = 0.0, nan_policy: str = "stop"):
+    """step(state, batch, aux) → (state, metrics) for any loss_fn(params, frozen, batch, key, aux)
+    → (loss, metrics with "loss"): gradients (accumulated), optimizer update, NaN policy, EMA.
+    Every trainer (diffusion networks, the autoencoder) shares this one update."""
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"config.train.nan_policy: {nan_policy!r}; choose one of {NAN_POLICIES}")
+    if accum_steps < 1:
+        raise ValueError(f"config.optim.accum_steps must be >= 1, got {accum_steps}")
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 

@@ -1,0 +1,189 @@
+"""Train the autoencoder (SD kl-f8 encoder + SVD temporal decoder) on frames of a folder of videos.
+
+Entered through `python -m keyface_jax.train --config=configs/autoencoder.py:<variant>`; shares
+the diffusion trainer's optimizer, mesh / FSDP shardings, update step, loop, checkpoints (resume
+is bitwise), preemption handling and metric files.
+
+Clip length: `config.data.clip_frames` (default 1). KeyFace decodes one frame at a time (spec §3:
+`decoding_t = 1` in inference and in the pixel loss), so T = 1 trains the decoder exactly as it
+is used; the temporal convolutions then see zero padding on both sides and only their centre
+taps learn. T > 1 trains them on real neighbours, for pipelines that decode clips.
+
+Every run ends by writing `workdir/export`: {"autoencoder": parameter tree} in Orbax, the format
+`keyface_ckpt.load_orbax_export`, `initialization.frozen_decoder` and `data_pipelines.prepare
+--vae` read, then scores whole frames (PSNR of mode latents decoded one frame at a time).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from keyface_jax.checkpoints import io, keyface_ckpt
+from keyface_jax.config_lib import autoencoder_config
+from keyface_jax.data.video_frames import VideoFrameBatches, evaluation_frames, load_video_frames
+from keyface_jax.losses.reconstruction import AutoencoderLossConfig, autoencoder_loss, psnr, to_unit_range
+from keyface_jax.models.autoencoder import AutoencoderKL
+from keyface_jax.training import batches as batch_lib
+from keyface_jax.training.checkpointing import RunCheckpointer
+from keyface_jax.training.loop import RunSummary, compile_step, mesh_from_config, run_loop, summarize
+from keyface_jax.training.metrics import MetricWriter
+from keyface_jax.training.optimizer import make_optimizer
+from keyface_jax.training.state import abstract_like, init_train_state, split_network, state_shardings
+from keyface_jax.training.step import make_update_step
+
+log = logging.getLogger("keyface_jax.train")
+
+EXPORT_DIR = "export"
+TRAIN_EVERYTHING = {"preset": "all"}  # every autoencoder parameter trains
+
+
+def _data(config) -> tuple[VideoFrameBatches, dict]:
+    data_cfg = config.data
+    if not data_cfg.videos:
+        raise ValueError("config.data.videos is empty: give a folder of videos (or a list file)")
+    videos = load_video_frames(data_cfg.videos, fps=data_cfg.fps, frame_stride=data_cfg.frame_stride,
+                               max_frames=data_cfg.max_frames_per_video)
+    batches = VideoFrameBatches(videos, config.train.batch_size, clip_frames=data_cfg.clip_frames,
+                                crop_size=data_cfg.crop_size, flip=data_cfg.flip, seed=config.seed)
+    log.info("autoencoder data: %d videos, %d clips of %d frames", len(videos), len(batches.starts),
+             data_cfg.clip_frames)
+    return batches, videos
+
+
+def _initial_params(config, vae_cfg, abstract, shardings):
+    """(trainable, frozen) on the mesh: from `config.init.autoencoder` (an Orbax export), or a
+    fresh seeded init run directly on the devices."""
+    if config.init.autoencoder:
+        report = keyface_ckpt.load_orbax_export(config.init.autoencoder, None, autoencoder=abstract)
+        model = nnx.merge(nnx.split(abstract)[0], report.autoencoder)
+        return jax.device_put(tuple(split_network(model, TRAIN_EVERYTHING)[1:]), shardings)
+
+    def create():
+        model = AutoencoderKL(vae_cfg, rngs=nnx.Rngs(config.seed))
+        return split_network(model, TRAIN_EVERYTHING)[1:]
+
+    return jax.jit(create, out_shardings=shardings)()
+
+
+def _lpips(config):
+    """The LPIPS network of `config.loss` (None when its weight is 0); fails without weight files."""
+    loss = config.loss
+    if loss.lpips_weight <= 0:
+        return None
+    if not (loss.lpips_vgg_weights and loss.lpips_lin_weights):
+        raise ValueError("config.loss.lpips_weight > 0 needs config.loss.lpips_vgg_weights "
+                         "(vgg16-397923af.pth) and config.loss.lpips_lin_weights (LPIPS v0.1 vgg.pth); "
+                         "nothing is downloaded")
+    from keyface_jax.losses.lpips_import import load_lpips
+    return load_lpips(loss.lpips_vgg_weights, loss.lpips_lin_weights,
+                      vgg_field="loss.lpips_vgg_weights", lin_field="loss.lpips_lin_weights")
+
+
+def make_loss_fn(graphdef, loss_cfg: AutoencoderLossConfig, lpips_graphdef=None):
+    """loss_fn(params, frozen, batch, key, aux) for `training.step.make_update_step`."""
+
+    def loss_fn(params, frozen, batch, key, aux):
+        model = nnx.merge(graphdef, params, frozen)
+        lpips = nnx.merge(lpips_graphdef, aux["lpips"]) if "lpips" in aux else None
+        return autoencoder_loss(model, batch["frames"], key, loss_cfg, lpips=lpips)
+
+    return loss_fn
+
+
+def _host_params(state) -> nnx.State:
+    """The weights to export (EMA when kept) as one host-side Param State, on every process."""
+    params = state["ema"] if state["ema"] is not None else state["params"]
+    tree = (params, state["frozen"])
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    else:
+        tree = jax.device_get(tree)
+    return nnx.merge_state(*tree)
+
+
+def write_export(graphdef, state, path: str) -> None:
+    """Writes {"autoencoder": parameter tree} (Orbax) to `path`, atomically replacing an older one."""
+    params = _host_params(state)
+    model = nnx.merge(graphdef, params)
+    tree = {"autoencoder": nnx.state(model, nnx.Param).to_pure_dict()}
+    if jax.process_index() == 0:
+        io.save_orbax(path, tree, only_this_process=jax.process_count() > 1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reconstruct(graphdef, params, frames):
+    model = nnx.merge(graphdef, params)
+    x = to_unit_range(frames)
+    mean, _ = model.encode(x)
+    decoded = model.decode(mean, num_frames=1)  # one frame at a time, as KeyFace decodes
+    return psnr(decoded, x), jnp.std(mean)
+
+
+def evaluate(graphdef, state, frames: np.ndarray, mesh) -> dict[str, float]:
+    """PSNR (dB) of whole frames through mode latents, and the std of those latents."""
+    params = state["ema"] if state["ema"] is not None else state["params"]
+    replicated = NamedSharding(mesh, PartitionSpec())
+    frames = jax.make_array_from_process_local_data(replicated, frames)
+    value, latent_std = _reconstruct(graphdef, nnx.merge_state(params, state["frozen"]), frames)
+    return {"eval_psnr": float(value), "eval_latent_std": float(latent_std)}
+
+
+def train_autoencoder(config, workdir: str, *, stop_after: int | None = None) -> RunSummary:
+    """Runs (or resumes) autoencoder training to config.train.steps, then exports and evaluates."""
+    vae_cfg = autoencoder_config(config.autoencoder)
+    mesh = mesh_from_config(config)
+    batch_lib.check_batch_size(config.train.batch_size, mesh)
+    loss_cfg = AutoencoderLossConfig.from_config(config.loss)
+    tx, schedule = make_optimizer(config.optim)
+
+    abstract = nnx.eval_shape(lambda: AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0)))
+    graphdef, abs_trainable, abs_frozen = split_network(abstract, TRAIN_EVERYTHING)
+    init_state = functools.partial(init_train_state, tx=tx, seed=config.seed,
+                                   ema=config.optim.ema_decay > 0)
+    abstract_state = jax.eval_shape(init_state, abs_trainable, abs_frozen)
+    try:
+        shardings = state_shardings(abstract_state, abs_trainable, abs_frozen, mesh)
+    except ValueError as e:
+        raise ValueError(f"the autoencoder cannot shard on mesh {dict(mesh.shape)}: {e}") from None
+
+    data, videos = _data(config)
+    checkpoints = RunCheckpointer(os.path.join(workdir, "checkpoints"),
+                                  every=config.train.checkpoint_every, keep=config.train.keep_checkpoints)
+    start, state = checkpoints.restore_latest(abstract_like(abstract_state, shardings), data)
+    if state is None:
+        start = 0
+        params = _initial_params(config, vae_cfg, abstract, (shardings["params"], shardings["frozen"]))
+        state = jax.jit(init_state, out_shardings=shardings)(*params)
+    else:
+        log.info("resumed from %s at step %d", checkpoints.directory, start)
+
+    lpips = _lpips(config)
+    aux, lpips_graphdef = {}, None
+    if lpips is not None:
+        lpips_graphdef, lpips_state = nnx.split(lpips)
+        aux["lpips"] = jax.device_put(lpips_state, NamedSharding(mesh, PartitionSpec()))
+    step_fn = make_update_step(make_loss_fn(graphdef, loss_cfg, lpips_graphdef), tx, schedule,
+                               accum_steps=config.optim.accum_steps, ema_decay=config.optim.ema_decay,
+                               nan_policy=config.train.nan_policy)
+    step = compile_step(step_fn, state, shardings, aux, data, mesh)
+    result = run_loop(step, state, aux, data, checkpoints, config.train, workdir, start=int(start),
+                      desc="train autoencoder", stop_after=stop_after)
+
+    write_export(graphdef, result.state, os.path.join(workdir, EXPORT_DIR))
+    scores = None
+    if config.train.eval_frames > 0:
+        scores = evaluate(graphdef, result.state, evaluation_frames(videos, config.train.eval_frames), mesh)
+        writer = MetricWriter(workdir)
+        writer.write(result.final_step, scores)
+        writer.close()
+        log.info("step %d: %s", result.final_step, scores)
+    return summarize(start, result, step.flops, config.train.peak_flops_per_device, eval_metrics=scores)
