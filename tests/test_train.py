@@ -3,11 +3,14 @@
 - kill -9 at a random step, restart: the loss trajectory is bitwise that of an uninterrupted run;
 - a checkpoint written on 4 devices restores onto 2 and training continues with the same losses;
 - two jax.distributed processes on localhost (gloo), FSDP over their 4 devices, checkpoint + resume;
-- a broken newest checkpoint is skipped for the previous one; a config that cannot shard fails early.
+- a broken newest checkpoint is skipped for the previous one; a config that cannot shard fails early;
+- previews: the reference run writes mp4 previews and every other run, without them, reproduces its
+  losses bitwise, so previews never disturb training.
 """
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 4 frames per clip keep each step around a second on 2 cores; the code path is the tiny config's.
 BASE = ["--config=configs/keyframe.py:tiny,frames=4", "--config.data.path=synthetic",
         "--config.train.log_every=1", "--config.train.checkpoint_every=3",
-        "--config.train.keep_checkpoints=2"]
+        "--config.train.keep_checkpoints=3"]
 
 
 CACHE = os.path.join(ROOT, ".pytest_cache", "jax_compilation_cache")
@@ -60,10 +63,33 @@ def _losses(workdir) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
+def reference_workdir(tmp_path_factory):
+    """9 uninterrupted steps with checkpoints at 3, 6, 9 and previews at steps 5 and 9."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    _run(workdir, 9)
-    return _losses(workdir)
+    _run(workdir, 9, "--config.train.preview_every=5")
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference_workdir):
+    return _losses(reference_workdir)
+
+
+def test_reference_run_wrote_previews(reference_workdir):
+    names = sorted(os.listdir(reference_workdir / "previews"))
+    assert "step_000005.mp4" in names and "step_000009.mp4" in names
+
+
+def _resumable_copy(reference_workdir, destination, keep_through: int):
+    """The reference run as it was after step `keep_through`: later checkpoints and metrics gone."""
+    shutil.copytree(reference_workdir, destination, dirs_exist_ok=True)
+    for step in os.listdir(destination / "checkpoints"):
+        if step.isdigit() and int(step) > keep_through:
+            shutil.rmtree(destination / "checkpoints" / step)
+    shutil.rmtree(destination / "previews", ignore_errors=True)
+    rows = (destination / "metrics.jsonl").read_text().splitlines()
+    (destination / "metrics.jsonl").write_text(
+        "".join(r + "\n" for r in rows if json.loads(r)["step"] <= keep_through))
 
 
 def test_kill_minus_nine_then_resume_is_bitwise_identical(reference_run, tmp_path):
@@ -87,8 +113,8 @@ def test_kill_minus_nine_then_resume_is_bitwise_identical(reference_run, tmp_pat
     assert resumed == reference_run, (kill_after, resumed, reference_run)  # exact float equality
 
 
-def test_checkpoint_from_four_devices_restores_onto_two(reference_run, tmp_path):
-    _run(tmp_path, 6, devices=4)
+def test_checkpoint_from_four_devices_restores_onto_two(reference_workdir, reference_run, tmp_path):
+    _resumable_copy(reference_workdir, tmp_path, keep_through=6)   # written on 4 devices
     _run(tmp_path, 9, devices=2)
     losses = _losses(tmp_path)
     np.testing.assert_allclose([losses[s] for s in range(7, 10)],
@@ -125,8 +151,8 @@ def test_two_processes_fsdp_checkpoint_and_resume(reference_run, tmp_path):
                                [reference_run[s] for s in range(1, 10)], rtol=1e-5)
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_previous(reference_run, tmp_path):
-    _run(tmp_path, 6)
+def test_corrupt_newest_checkpoint_falls_back_to_previous(reference_workdir, reference_run, tmp_path):
+    _resumable_copy(reference_workdir, tmp_path, keep_through=6)   # checkpoints 3 and 6
     newest = tmp_path / "checkpoints" / "6" / "state"
     for path in newest.rglob("*"):
         if path.is_file() and path.stat().st_size > 1000:
