@@ -9,8 +9,9 @@ FLOPs per second of video for the full-size models.
   same sampler run clip by clip with batch 1 (the reference's one-clip-at-a-time loop), in the
   same process after both are compiled; reported as clip-seconds of video per wall second and
   as the ratio. Runs alternate (loop, batched, loop, batched) and the best of each is kept.
-- memory: peak resident memory (ru_maxrss) of a fresh process generating a short and a long clip
-  with the same batch sizes; the difference is what clip length costs.
+- memory: in a fresh process per length, after a 1-s clip has compiled every stage, resident memory
+  sampled every 20 ms while a short and a long clip are generated; the growth over the resident
+  memory before the call is what clip length costs.
 - FLOPs per second of video (full config, 512 px): XLA cost analysis of one keyframe network call,
   one interpolation call and one 14-frame decode, times the calls a second of video needs
   (keyframe items hold 13 keyframes = 169 frames; a segment covers 13 frames; 11 Euler steps;
@@ -88,14 +89,34 @@ def throughput(args) -> dict:
                 speedup_batched_vs_loop=best["loop"] / best["batched"])
 
 
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def memory_worker(seconds: float, batch: int) -> None:
+    """Peak resident memory while generating one clip of `seconds`, sampled every 20 ms, after a
+    1-s clip has compiled every stage (so compilation does not hide the generation's own peak)."""
+    import threading
     setup = make_setup(batch)
     with tempfile.TemporaryDirectory() as folder:
-        clips = make_clips(setup, folder, [seconds])
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        setup.generator.generate(clips, [os.path.join(folder, "out.mp4")], progress=False)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps(dict(seconds=seconds, rss_before_mb=before / 1024, peak_rss_mb=after / 1024)))
+        warm, clip = make_clips(setup, folder, [1.0, seconds])
+        setup.generator.generate([warm], [os.path.join(folder, "warm.mp4")], progress=False)
+        samples, done = [], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                samples.append(_current_rss_mb())
+                time.sleep(0.02)
+        thread = threading.Thread(target=sample, daemon=True)
+        before = _current_rss_mb()
+        thread.start()
+        setup.generator.generate([clip], [os.path.join(folder, "out.mp4")], progress=False)
+        done.set()
+        thread.join()
+    print(json.dumps(dict(seconds=seconds, rss_before_mb=before, peak_rss_mb=max(samples),
+                          growth_mb=max(samples) - before,
+                          process_max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
 
 
 def memory(args) -> dict:
@@ -105,9 +126,8 @@ def memory(args) -> dict:
         proc = subprocess.run([sys.executable, __file__, "--memory_worker", str(seconds),
                                "--batch", str(args.batch)], capture_output=True, text=True, check=True)
         out[f"{seconds:g}s"] = json.loads(proc.stdout.strip().splitlines()[-1])
-    short, long = (out[f"{s:g}s"]["peak_rss_mb"] for s in lengths)
-    out["peak_growth_mb"] = long - short
-    out["peak_ratio_long_vs_short"] = long / short
+    short, long = (out[f"{s:g}s"]["growth_mb"] for s in lengths)
+    out["growth_short_mb"], out["growth_long_mb"] = short, long
     return out
 
 
@@ -175,6 +195,8 @@ def main() -> None:
     result["machine"]["load_average_end"] = os.getloadavg()
     path = RESULTS / ("generation_cpu_quick.json" if args.quick else "generation_cpu.json")
     path.parent.mkdir(exist_ok=True)
+    if path.exists():   # parts skipped this time keep their previous figures
+        result = {**json.loads(path.read_text()), **result}
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

@@ -25,7 +25,7 @@ OPTIONS = GenerationOptions(keyframe_batch=2, interpolation_batch=2, decode_batc
 def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("generation_inputs")
     write_face(root / "face.png")
-    for name, seconds, seed in (("a", 1.6, 0), ("b", 0.7, 1), ("long", 4.2, 2)):
+    for name, seconds, seed in (("a", 1.6, 0), ("b", 0.7, 1), ("long", 2.2, 2)):
         write_speech(root / f"{name}.wav", seconds, 22050, seed)     # resampled to 16 kHz
     wavfile.write(root / "silent.wav", 16000, np.zeros(16000, np.int16))
     write_speech(root / "blip.wav", 0.02, 16000, 3)                  # 320 samples < 1 frame
@@ -83,12 +83,12 @@ def test_single_frame_and_long_clip(setup, media, tmp_path):
     one = setup.load(ClipRequest(name="one", face=str(media / "face.png"), audio=str(tmp_path / "one.wav"),
                                  output=str(tmp_path / "one.mp4")))
     long = setup.load(request(media, "long", tmp_path, emotion="neutral,happy,sad"))
-    assert (one.num_frames, long.num_frames) == (1, 105)
+    assert (one.num_frames, long.num_frames) == (1, 55)
     results = setup.generator.generate([one, long], [str(tmp_path / "one.mp4"), str(tmp_path / "long.mp4")],
                                        progress=False)
-    assert [r["frames"] for r in results] == [1, 105]
+    assert [r["frames"] for r in results] == [1, 55]
     assert read_frames(tmp_path / "one.mp4")[0].shape[0] == 1
-    assert read_frames(tmp_path / "long.mp4")[0].shape[0] == 105
+    assert read_frames(tmp_path / "long.mp4")[0].shape[0] == 55
 
 
 def test_manifest_with_broken_entries_and_resume(setup, media, tmp_path):

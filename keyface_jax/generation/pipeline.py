@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
@@ -258,6 +259,8 @@ class Generator:
                 raise RuntimeError(f"{outputs[c]}: wrote {frames} frames, planned {plans[c].num_frames}")
             if self.options.save_latents:
                 os.replace(writer.path + ".latents.npy", outputs[c] + ".latents.npy")
+            # the identity crop the models saw (the reference image for drift metrics)
+            Image.fromarray(clips[c].face).save(identity_path(outputs[c]))
             os.replace(writer.path, outputs[c])
             results[c] = dict(name=clips[c].request.name, output=outputs[c], frames=frames,
                               seconds=frames / FPS, keyframes=len(plans[c].keyframe_positions),
@@ -267,6 +270,10 @@ class Generator:
 
         self.interpolate_and_decode(clips, keyframes, open_writer, close_writer, progress)
         return results
+
+
+def identity_path(output: str) -> str:
+    return os.path.splitext(output)[0] + ".identity.png"
 
 
 def partial_path(output: str) -> str:

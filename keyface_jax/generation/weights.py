@@ -46,6 +46,15 @@ def _merge(*trees: Mapping) -> dict:
     return out
 
 
+def _unwrap_values(tree):
+    """Trainer checkpoints store NNX variables as {"value": array}; the networks' pure dicts do not."""
+    if isinstance(tree, Mapping):
+        if set(tree) == {"value"} and not isinstance(tree["value"], Mapping):
+            return tree["value"]
+        return {k: _unwrap_values(v) for k, v in tree.items()}
+    return tree
+
+
 def _abstract(metadata):
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
@@ -73,7 +82,7 @@ def run_parameters(run_dir: str, step: int | None = None, use_ema: bool = True) 
                         candidate, str(e)[:200])
             continue
         trainable = state["ema"] if use_ema and state.get("ema") else state["params"]
-        params = jax.tree.map(np.asarray, _merge(trainable, state.get("frozen") or {}))
+        params = jax.tree.map(np.asarray, _unwrap_values(_merge(trainable, state.get("frozen") or {})))
         return params, int(candidate)
     raise CheckpointError(f"{run_dir}: no checkpoint restores (tried steps {steps})")
 
