@@ -11,14 +11,13 @@ uninterrupted one would, and the state kept in checkpoints is just the batch ind
 
 from __future__ import annotations
 
-import json
 import logging
 
-import jax
 import numpy as np
 
 from keyface_jax.media.errors import MediaError
 from keyface_jax.media.video import read_frames
+from keyface_jax.training.batches import IndexedBatches
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ def load_video_frames(videos: str, *, fps: float = 25.0, frame_stride: int = 1,
     return out
 
 
-class VideoFrameBatches:
+class VideoFrameBatches(IndexedBatches):
     """Host-local rows of global batches {"frames": uint8 [B, T, S, S, 3]}: T consecutive frames of
     one video, the same random S×S crop and flip for the whole clip (crop_size 0 = full frames,
     which then must all have one size)."""
@@ -64,11 +63,9 @@ class VideoFrameBatches:
         # Every clip start (video, first frame), so each clip is equally likely.
         self.starts = np.array([(v, s) for v, frames in enumerate(self.videos)
                                 for s in range(len(frames) - clip_frames + 1)], np.int64)
-        self.global_batch, self.clip_frames = global_batch, clip_frames
-        self.crop_size, self.flip, self.seed = crop_size, flip, seed
-        per_process = global_batch // jax.process_count()
-        self.rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
-        self.index = 0
+        super().__init__(global_batch, seed)
+        self.clip_frames = clip_frames
+        self.crop_size, self.flip = crop_size, flip
 
     def _clip(self, rng: np.random.Generator) -> np.ndarray:
         video, start = self.starts[rng.integers(len(self.starts))]
@@ -84,30 +81,6 @@ class VideoFrameBatches:
     def global_batch_at(self, j: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, j])
         return {"frames": np.stack([self._clip(rng) for _ in range(self.global_batch)])}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = {k: v[self.rows] for k, v in self.global_batch_at(self.index).items()}
-        self.index += 1
-        return batch
-
-    # The checkpoint protocol of training.batches.SyntheticBatches (Grain's handler stores bytes).
-    def get_state(self) -> bytes:
-        return json.dumps({"index": self.index, "seed": self.seed}).encode()
-
-    def set_state(self, state: bytes) -> None:
-        values = json.loads(state)
-        if values["seed"] != self.seed:
-            raise ValueError(f"data state of seed {values['seed']} restored into a run of seed {self.seed}")
-        self.index = int(values["index"])
-
-    def seek(self, step: int) -> None:
-        self.index = int(step)
-
-    def start_prefetch(self) -> None:
-        pass
 
 
 def evaluation_frames(videos: dict[str, np.ndarray], count: int) -> np.ndarray:

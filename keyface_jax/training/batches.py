@@ -27,36 +27,28 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> None:
                          f"axes {BATCH_AXES} ({ways} ways) and {jax.process_count()} processes")
 
 
-class SyntheticBatches:
-    """Host-local slices of seeded random global batches; batch j is a pure function of (seed, j)."""
+class IndexedBatches:
+    """Host-local slices of global batches where batch j is a pure function of (seed, j): the
+    iterator and checkpoint protocol (Grain's orbax handler stores non-Grain iterators' state as
+    bytes). Subclasses define `global_batch_at(j)`."""
 
-    def __init__(self, net_cfg, global_batch: int, frames: int, seed: int):
-        self.cfg, self.global_batch, self.frames, self.seed = net_cfg, global_batch, frames, seed
+    def __init__(self, global_batch: int, seed: int):
+        self.global_batch, self.seed = global_batch, seed
         per_process = global_batch // jax.process_count()
         self.rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
         self.index = 0
 
-    def _global(self, j: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, j])
-        c, B, T, s = self.cfg, self.global_batch, self.frames, self.cfg.latent_size
-        f = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
-        batch = dict(latents=f(B, T, s, s, c.latent_channels),
-                     audio=f(B, T, c.audio_tokens_per_frame, c.audio_dim))
-        if c.kind == "keyframe":
-            batch.update(identity=batch["latents"][:, 0], valence=np.tanh(f(B, T)), arousal=np.tanh(f(B, T)))
-        else:
-            batch.update(first=batch["latents"][:, 0], last=batch["latents"][:, -1])
-        return batch
+    def global_batch_at(self, j: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = {k: v[self.rows] for k, v in self._global(self.index).items()}
+        batch = {k: v[self.rows] for k, v in self.global_batch_at(self.index).items()}
         self.index += 1
         return batch
 
-    # Grain's orbax handler stores non-Grain iterators' state as bytes.
     def get_state(self) -> bytes:
         return json.dumps({"index": self.index, "seed": self.seed}).encode()
 
@@ -72,6 +64,26 @@ class SyntheticBatches:
 
     def start_prefetch(self) -> None:  # part of the iterator protocol Grain's handler calls
         pass
+
+
+class SyntheticBatches(IndexedBatches):
+    """Seeded random global batches of a network config's shapes."""
+
+    def __init__(self, net_cfg, global_batch: int, frames: int, seed: int):
+        super().__init__(global_batch, seed)
+        self.cfg, self.frames = net_cfg, frames
+
+    def global_batch_at(self, j: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, j])
+        c, B, T, s = self.cfg, self.global_batch, self.frames, self.cfg.latent_size
+        f = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
+        batch = dict(latents=f(B, T, s, s, c.latent_channels),
+                     audio=f(B, T, c.audio_tokens_per_frame, c.audio_dim))
+        if c.kind == "keyframe":
+            batch.update(identity=batch["latents"][:, 0], valence=np.tanh(f(B, T)), arousal=np.tanh(f(B, T)))
+        else:
+            batch.update(first=batch["latents"][:, 0], last=batch["latents"][:, -1])
+        return batch
 
 
 def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
