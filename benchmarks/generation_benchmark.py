@@ -9,6 +9,8 @@ FLOPs per second of video for the full-size models.
   same sampler run clip by clip with batch 1 (the reference's one-clip-at-a-time loop), in the
   same process after both are compiled; reported as clip-seconds of video per wall second and
   as the ratio. Runs alternate (loop, batched, loop, batched) and the best of each is kept.
+- headroom: one tiny interpolation-network call at batch 1 and at batch B, timed and costed by XLA,
+  against a measured fp32 matmul peak: the per-item gain batching can give on this machine at all.
 - memory: in a fresh process per length, after a 1-s clip has compiled every stage, resident memory
   sampled every 20 ms while a short and a long clip are generated; the growth over the resident
   memory before the call is what clip length costs.
@@ -16,7 +18,8 @@ FLOPs per second of video for the full-size models.
   one interpolation call and one 14-frame decode, times the calls a second of video needs
   (keyframe items hold 13 keyframes = 169 frames; a segment covers 13 frames; 11 Euler steps;
   3 CFG branches for keyframes, 2 networks for autoguided interpolation).
-Writes benchmarks/results/generation_cpu.json (`--quick`: generation_cpu_quick.json).
+Writes benchmarks/results/generation_cpu.json (`--quick`: generation_cpu_quick.json). Run it under
+tcmalloc as the launch scripts do (`source launch/setup_env.sh` first; see keyface_jax/cpu_allocator.py).
 """
 
 from __future__ import annotations
@@ -87,6 +90,58 @@ def throughput(args) -> dict:
                 first_call_seconds=warm, seconds=times,
                 video_seconds_per_second={k: video_seconds / v for k, v in best.items()},
                 speedup_batched_vs_loop=best["loop"] / best["batched"])
+
+
+def headroom(args) -> dict:
+    """How much any batching can gain on this machine: one tiny interpolation-network call (the
+    stage with 82 % of the FLOPs) at batch 1 and at batch B, against the measured fp32 matmul peak.
+    If batch 1 already runs at a fraction f of the peak, no schedule can be more than 1/f faster."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from configs import interpolation
+    from keyface_jax.config_lib import network_config
+    from keyface_jax.models.build import example_inputs
+    from keyface_jax.models.keyface import build_network
+
+    cfg = network_config(interpolation.get_config("tiny").model)
+    graphdef, state = nnx.split(build_network(cfg, rngs=nnx.Rngs(0)))
+
+    def forward(state, inputs):
+        kwargs = dict(inputs)
+        return nnx.merge(graphdef, state)(kwargs.pop("x"), kwargs.pop("c_noise"), **kwargs)
+
+    def median_seconds(fn, repeats: int = 15) -> float:
+        jax.block_until_ready(fn())
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    out = {}
+    for batch in (1, args.batch):
+        specs = example_inputs(cfg, batch=batch)
+        inputs = {k: jnp.full(v.shape, 0.5, v.dtype) for k, v in specs.items()}
+        compiled = jax.jit(forward).lower(state, inputs).compile()
+        cost = compiled.cost_analysis()
+        flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+        seconds = median_seconds(lambda: compiled(state, inputs))
+        out[f"batch_{batch}"] = dict(seconds=seconds, seconds_per_item=seconds / batch,
+                                     flops=flops, flops_per_s=flops / seconds)
+    n = 2048
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    peak = 2.0 * n ** 3 / median_seconds(lambda: matmul(a), repeats=10)
+    one, many = out["batch_1"], out[f"batch_{args.batch}"]
+    out.update(matmul_peak_flops_per_s=peak,
+               batch_1_fraction_of_peak=one["flops_per_s"] / peak,
+               max_speedup_any_batching=peak / one["flops_per_s"],
+               measured_per_item_speedup=one["seconds_per_item"] / many["seconds_per_item"])
+    return out
 
 
 def _current_rss_mb() -> float:
@@ -167,21 +222,30 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--memory_worker", type=float, default=None)
-    p.add_argument("--skip", default="", help="comma list of throughput,memory,flops")
+    p.add_argument("--skip", default="", help="comma list of headroom,throughput,memory,flops")
     args = p.parse_args()
     if args.memory_worker is not None:
         memory_worker(args.memory_worker, args.batch)
         return
     import jax
+
+    from keyface_jax import cpu_allocator
     skip = set(filter(None, args.skip.split(",")))
     result = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
                   machine=dict(cpus=os.cpu_count(), platform=platform.platform(),
+                               tcmalloc=cpu_allocator.warn_if_missing(),
                                backend=jax.default_backend(), devices=jax.device_count(),
                                load_average=os.getloadavg()))
     if "flops" not in skip:
         result["full_flops"] = full_flops()
         print(f"full config: {result['full_flops']['per_video_second'] / 1e12:.1f} TFLOP per second of video",
               flush=True)
+    if "headroom" not in skip:
+        result["headroom"] = h = headroom(args)
+        print(f"tiny interpolation call: batch 1 runs at {h['batch_1_fraction_of_peak']:.0%} of the "
+              f"{h['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s matmul peak → batching can gain at most "
+              f"{h['max_speedup_any_batching']:.1f}×; batch {args.batch} gains "
+              f"{h['measured_per_item_speedup']:.2f}× per item", flush=True)
     if "throughput" not in skip:
         result["throughput"] = throughput(args)
         t = result["throughput"]

@@ -132,6 +132,7 @@ def jax_worker(args) -> None:
     import numpy as np
     from flax import nnx
 
+    from keyface_jax import cpu_allocator
     from keyface_jax.config_lib import network_config
     from keyface_jax.models.build import abstract_network, count_params
     from keyface_jax.models.keyface import build_network
@@ -205,7 +206,7 @@ def jax_worker(args) -> None:
     _reply(dict(ready=True, framework="jax", version=jax.__version__, params=n_params,
                 init_s=init_s, lower_s=lower_s, compile_s=compile_s, flops_per_step=flops,
                 compiled_flops_per_step=compiled_flops_value, memory_analysis=memory,
-                xla_flags=os.environ.get("XLA_FLAGS", ""),
+                xla_flags=os.environ.get("XLA_FLAGS", ""), tcmalloc=cpu_allocator.is_active(),
                 affinity=sorted(os.sched_getaffinity(0)), device=str(jax.devices()[0])))
     _serve({"step": step_cmd, "peak": peak_cmd})
 
@@ -332,6 +333,8 @@ def torch_worker(args) -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from keyface_jax import cpu_allocator
+
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # XLA's CPU threads run with denormals flushed too
     t0 = time.perf_counter()
@@ -363,7 +366,7 @@ def torch_worker(args) -> None:
     _reply(dict(ready=True, framework="torch", version=torch.__version__, params=info["params"],
                 init_s=init_s, threads=torch.get_num_threads(), adamw=args.torch_adamw,
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
-                affinity=sorted(os.sched_getaffinity(0))))
+                tcmalloc=cpu_allocator.is_active(), affinity=sorted(os.sched_getaffinity(0))))
     _serve({"step": step_cmd, "peak": peak_cmd, "flops": flops_cmd})
 
 
@@ -413,6 +416,12 @@ def _torch_env(env: dict, omp_wait: str) -> dict:
     return env
 
 
+def _allocator_env(env: dict, allocator: str) -> dict:
+    """A worker's environment with tcmalloc preloaded (if installed) or glibc malloc."""
+    from keyface_jax.cpu_allocator import with_tcmalloc, without_preload
+    return with_tcmalloc(env) if allocator == "tcmalloc" else without_preload(env)
+
+
 def bench_variant(variant: str, batch: int, frames: int, args) -> dict:
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -421,13 +430,14 @@ def bench_variant(variant: str, batch: int, frames: int, args) -> dict:
         batch_file = os.path.join(tmp, "batch.npz")
         print(f"[{variant}] building and compiling the JAX step (batch {batch}, {frames} frames)...",
               flush=True)
-        jw = Worker("jax", variant, batch, frames, args.threads, batch_file, extra, env)
+        jw = Worker("jax", variant, batch, frames, args.threads, batch_file, extra,
+                    _allocator_env(env, args.jax_allocator))
         try:
             jax_info = jw.read()
             print(f"[{variant}] JAX compiled in {jax_info['compile_s']:.1f} s; building torch...",
                   flush=True)
             tw = Worker("torch", variant, batch, frames, args.threads, batch_file, extra,
-                        _torch_env(env, args.torch_omp_wait))
+                        _torch_env(_allocator_env(env, args.torch_allocator), args.torch_omp_wait))
             try:
                 torch_info = tw.read()
                 times = {"jax": [], "torch": []}
@@ -470,14 +480,15 @@ def bench_variant(variant: str, batch: int, frames: int, args) -> dict:
                  flops_per_step_compiled=jax_info["compiled_flops_per_step"],
                  achieved_flops_per_s=flops / jax_s, mfu_vs_measured_peak=flops / jax_s / peak,
                  memory_analysis=jax_info["memory_analysis"], max_rss_mb=jax_rss,
-                 xla_flags=jax_info["xla_flags"], affinity=jax_info["affinity"],
+                 xla_flags=jax_info["xla_flags"], tcmalloc=jax_info["tcmalloc"],
+                 affinity=jax_info["affinity"],
                  version=jax_info["version"], losses=losses["jax"]),
         torch=dict(init_s=torch_info["init_s"], step_s_median=torch_s,
                    step_s_min=min(times["torch"]), examples_per_s=batch / torch_s,
                    achieved_flops_per_s_at_jax_flops=flops / torch_s,
                    mfu_vs_measured_peak_at_jax_flops=flops / torch_s / peak,
                    threads=torch_info["threads"], adamw=torch_info["adamw"],
-                   omp_wait_policy=torch_info["omp_wait_policy"],
+                   omp_wait_policy=torch_info["omp_wait_policy"], tcmalloc=torch_info["tcmalloc"],
                    flop_counter_mode_flops_per_step=torch_counted_flops, max_rss_mb=torch_rss,
                    affinity=torch_info["affinity"], version=torch_info["version"],
                    losses=losses["torch"]),
@@ -525,6 +536,11 @@ def parse_args(argv=None):
     p.add_argument("--torch-omp-wait", default="passive", choices=("passive", "active", "default"),
                    help="OMP_WAIT_POLICY of the torch worker: spinning OpenMP threads collapse on "
                         "an oversubscribed machine (passive keeps torch fast there)")
+    p.add_argument("--jax-allocator", default="tcmalloc", choices=("tcmalloc", "glibc"),
+                   help="malloc of the JAX worker (tcmalloc: preloaded if installed; see "
+                        "keyface_jax/cpu_allocator.py)")
+    p.add_argument("--torch-allocator", default="glibc", choices=("tcmalloc", "glibc"),
+                   help="malloc of the torch worker (glibc measured faster for eager torch here)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--batch-file", help=argparse.SUPPRESS)
@@ -559,6 +575,7 @@ def main(argv=None) -> None:
         settings=dict(variants=variants, steps=args.steps, warmup=args.warmup, threads=args.threads,
                       quick=args.quick, torch_adamw=args.torch_adamw,
                       torch_omp_wait_policy=args.torch_omp_wait, peak_matmul_n=args.peak_n,
+                      jax_allocator=args.jax_allocator, torch_allocator=args.torch_allocator,
                       pause_s=args.pause),
         load_average_at_start=load_start, load_average_at_end=os.getloadavg(),
         notes=("step times are medians of alternated steps (J T / T J per round); MFU = XLA "

@@ -52,6 +52,7 @@ def get_config(arg: str = "tiny"):
         profile_steps=(),
         peak_flops_per_device=0.0,
         eval_frames=16,               # full frames scored (PSNR) at the end of each run; 0 = off
+        normalize_latents=True,       # export at SVD's latent scale (std 1/0.18215 on the eval frames)
     ))
     config.data = ml_collections.ConfigDict(dict(
         videos="",                    # a folder of videos (mp4, mov, mkv, ...)

@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 
+from keyface_jax import cpu_allocator
 from keyface_jax.generation.manifest import read_manifest, requests_from_rows
 from keyface_jax.generation.pipeline import GenerationOptions
 from keyface_jax.generation.runner import ModelSources, Setup, run
@@ -72,6 +73,7 @@ def _add_fields(group, cls) -> None:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    cpu_allocator.warn_if_missing()
     sources = ModelSources(**{f.name: getattr(args, f.name) for f in dataclass_fields(ModelSources)})
     options = GenerationOptions(**{f.name: getattr(args, f.name)
                                    for f in dataclass_fields(GenerationOptions)})

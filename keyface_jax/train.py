@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from keyface_jax import cpu_allocator
 from keyface_jax.config_lib import dtypes, network_config
 from keyface_jax.diffusion.objective import ObjectiveConfig, lpips_for_objective
 from keyface_jax.models.build import abstract_network
@@ -150,6 +151,7 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
                                flags.FLAGS.process_id)
+        cpu_allocator.warn_if_missing()
         summary = train(config_flag.value, flags.FLAGS.workdir)
         if jax.process_index() == 0:
             last = summary.losses.get(summary.final_step)

@@ -163,3 +163,26 @@ def test_decoder_only_and_sgm_config():
     assert cfg.block_out_channels == (32, 64)
     keys = export_torch_state_dict(nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0))))
     assert keys and all(k.startswith("decoder.") for k in keys)
+
+
+def test_latent_rescaling_keeps_reconstructions():
+    """training.latent_scale folds a factor into quant_conv and the decoder's conv_in: latents
+    (means and samples) scale by it, reconstructions do not change."""
+    from keyface_jax.training.latent_scale import factor_for, rescale_latents
+
+    model = _tiny_model(block_out_channels=(32,))
+    graphdef, params = nnx.split(model)
+    factor = 1.7
+    scaled = nnx.merge(graphdef, nnx.State(rescale_latents(params.to_pure_dict(), factor)))
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+    (mean, logvar), (mean_s, logvar_s) = model.encode(x), scaled.encode(x)
+    np.testing.assert_allclose(mean_s, factor * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logvar_s, logvar + 2 * np.log(factor), rtol=1e-5, atol=1e-5)
+    key = jax.random.key(3)
+    np.testing.assert_allclose(scaled.encode_to_diffusion(x, key), factor * model.encode_to_diffusion(x, key),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(scaled.decode(mean_s, num_frames=1), model.decode(mean, num_frames=1),
+                               rtol=1e-4, atol=1e-5)
+    assert factor_for(2.0) == pytest.approx(1 / (2.0 * SCALE_FACTOR))
+    with pytest.raises(ValueError, match="standard deviation"):
+        factor_for(0.0)

@@ -134,3 +134,7 @@ def test_export_round_trips_into_every_reader(killed_and_resumed, videos):
     state = {"params": nnx.state(model, nnx.Param), "frozen": nnx.State({}), "ema": None}
     scores = autoencoder_trainer.evaluate(nnx.split(model)[0], state, frames, mesh)
     assert scores["eval_psnr"] == logged["eval_psnr"]
+    # ... at SVD's latent scale: diffusion-space latents (× 0.18215) of unit standard deviation.
+    assert scores["eval_latent_std"] == logged["eval_latent_std"]
+    assert logged["eval_latent_std"] == pytest.approx(1 / 0.18215, rel=1e-4)
+    assert np.isfinite(logged["latent_scale_factor"]) and logged["latent_scale_factor"] > 0

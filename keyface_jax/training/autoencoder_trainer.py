@@ -11,7 +11,9 @@ taps learn. T > 1 trains them on real neighbours, for pipelines that decode clip
 
 Every run ends by writing `workdir/export`: {"autoencoder": parameter tree} in Orbax, the format
 `keyface_ckpt.load_orbax_export`, `initialization.frozen_decoder` and `data_pipelines.prepare
---vae` read, then scores whole frames (PSNR of mode latents decoded one frame at a time).
+--vae` read, then scores whole frames (PSNR of mode latents decoded one frame at a time). Unless
+`config.train.normalize_latents` is off, the export's latents are first rescaled to SVD's scale
+(std 1 / 0.18215 over the evaluation frames; training/latent_scale.py), reconstructions unchanged.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from keyface_jax.losses.reconstruction import AutoencoderLossConfig, autoencoder
 from keyface_jax.models.autoencoder import AutoencoderKL
 from keyface_jax.training import batches as batch_lib
 from keyface_jax.training.checkpointing import RunCheckpointer
+from keyface_jax.training.latent_scale import factor_for, rescale_latents
 from keyface_jax.training.loop import RunSummary, compile_step, mesh_from_config, run_loop, summarize
 from keyface_jax.training.metrics import MetricWriter
 from keyface_jax.training.optimizer import make_optimizer
@@ -110,13 +113,18 @@ def _host_params(state) -> nnx.State:
     return nnx.merge_state(*tree)
 
 
-def write_export(graphdef, state, path: str) -> None:
-    """Writes {"autoencoder": parameter tree} (Orbax) to `path`, atomically replacing an older one."""
+def write_export(graphdef, state, path: str, latent_factor: float = 1.0) -> nnx.State:
+    """Writes {"autoencoder": parameter tree} (Orbax) to `path`, atomically replacing an older one,
+    with the latents rescaled by `latent_factor` (training.latent_scale); returns the exported
+    parameters."""
     params = _host_params(state)
     model = nnx.merge(graphdef, params)
-    tree = {"autoencoder": nnx.state(model, nnx.Param).to_pure_dict()}
+    tree = nnx.state(model, nnx.Param).to_pure_dict()
+    if latent_factor != 1.0:
+        tree = rescale_latents(tree, latent_factor)
     if jax.process_index() == 0:
-        io.save_orbax(path, tree, only_this_process=jax.process_count() > 1)
+        io.save_orbax(path, {"autoencoder": tree}, only_this_process=jax.process_count() > 1)
+    return nnx.State(tree)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -135,6 +143,12 @@ def evaluate(graphdef, state, frames: np.ndarray, mesh) -> dict[str, float]:
     frames = jax.make_array_from_process_local_data(replicated, frames)
     value, latent_std = _reconstruct(graphdef, nnx.merge_state(params, state["frozen"]), frames)
     return {"eval_psnr": float(value), "eval_latent_std": float(latent_std)}
+
+
+def _exported_state(exported: nnx.State, mesh) -> dict:
+    """The exported weights in the {params, frozen, ema} form `evaluate` reads, replicated."""
+    params = jax.device_put(exported, NamedSharding(mesh, PartitionSpec()))
+    return {"params": params, "frozen": nnx.State({}), "ema": None}
 
 
 def train_autoencoder(config, workdir: str, *, stop_after: int | None = None) -> RunSummary:
@@ -178,10 +192,19 @@ def train_autoencoder(config, workdir: str, *, stop_after: int | None = None) ->
     result = run_loop(step, state, aux, data, checkpoints, config.train, workdir, start=int(start),
                       desc="train autoencoder", stop_after=stop_after)
 
-    write_export(graphdef, result.state, os.path.join(workdir, EXPORT_DIR))
-    scores = None
-    if config.train.eval_frames > 0:
-        scores = evaluate(graphdef, result.state, evaluation_frames(videos, config.train.eval_frames), mesh)
+    scores, factor = None, 1.0
+    frames = (evaluation_frames(videos, config.train.eval_frames)
+              if config.train.eval_frames > 0 else None)
+    if frames is not None and config.train.normalize_latents:
+        # SVD's latent scale for the diffusion models (training/latent_scale.py)
+        trained_std = evaluate(graphdef, result.state, frames, mesh)["eval_latent_std"]
+        factor = factor_for(trained_std)
+        log.info("latent std %.3f → rescaled by %.3f to %.3f (SVD's 1/0.18215)", trained_std, factor,
+                 trained_std * factor)
+    exported = write_export(graphdef, result.state, os.path.join(workdir, EXPORT_DIR), factor)
+    if frames is not None:
+        scores = evaluate(graphdef, _exported_state(exported, mesh), frames, mesh)  # the export itself
+        scores["latent_scale_factor"] = factor
         writer = MetricWriter(workdir)
         writer.write(result.final_step, scores)
         writer.close()
