@@ -186,3 +186,22 @@ def test_latent_rescaling_keeps_reconstructions():
     assert factor_for(2.0) == pytest.approx(1 / (2.0 * SCALE_FACTOR))
     with pytest.raises(ValueError, match="standard deviation"):
         factor_for(0.0)
+
+
+def test_generation_decodes_frame_by_frame_or_in_groups():
+    """generation.pipeline.decode_segments: decode_frames=1 is each frame decoded on its own (as
+    KeyFace decodes), 14 the whole segment through the temporal layers; the two differ."""
+    from keyface_jax.generation.pipeline import decode_segments
+    from keyface_jax.models.autoencoder import from_diffusion_space
+
+    model = _tiny_model(block_out_channels=(32,))
+    z = np.random.default_rng(1).standard_normal((2, 14, 4, 4, 4)).astype(np.float32)
+    per_frame = np.asarray(decode_segments(model, z, 1))
+    whole = np.asarray(decode_segments(model, z, 14))
+    assert per_frame.shape == whole.shape == (2, 14, 4, 4, 3)
+    np.testing.assert_allclose(per_frame[1, 5], model.decode(from_diffusion_space(z[1, 5:6]), num_frames=1)[0],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(whole, model.decode(from_diffusion_space(z)), rtol=1e-5, atol=1e-5)
+    assert np.abs(per_frame - whole).max() > 1e-3
+    with pytest.raises(ValueError, match="does not divide"):
+        decode_segments(model, z, 3)

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from keyface_jax.generation.pipeline import decode_segments
 from keyface_jax.generation.plan import SLOTS
-from keyface_jax.models.autoencoder import from_diffusion_space
 from keyface_jax.sampling import guided
 from keyface_jax.sampling.euler import initial_noise, sample
 from keyface_jax.sampling.sampler import latent_shape, pin_endpoints, share_audio_projection
@@ -68,9 +68,9 @@ def interpolation_sampler_fn(graphdef, template, pin: bool):
     return fn
 
 
-def decoder_fn(graphdef, template):
+def decoder_fn(graphdef, template, decode_frames: int):
     def fn(params, z):
-        return _state_from(graphdef, template, params).decode(from_diffusion_space(z))
+        return decode_segments(_state_from(graphdef, template, params), z, decode_frames)
     return fn
 
 
@@ -123,7 +123,8 @@ def export_pipeline(generator, folder: str) -> dict:
                                                               g.options.pin_boundaries),
                                      good, bad, ip_conditions, np.zeros((ip_batch, 2), np.uint32),
                                      sigmas, scalar),
-        decoder=_write(folder, "decoder", decoder_fn(g.autoencoder.graphdef, g.autoencoder.state),
+        decoder=_write(folder, "decoder", decoder_fn(g.autoencoder.graphdef, g.autoencoder.state,
+                                                     g.options.decode_frames),
                        _pure(g.autoencoder.state), np.zeros((dec_batch, SLOTS, h, w, c), np.float32)))
     weights = dict(keyframe=_pure(g.keyframe.state), interpolation=good, interpolation_bad=bad,
                    autoencoder=_pure(g.autoencoder.state))

@@ -48,6 +48,10 @@ class GenerationOptions:
     keyframe_batch: int = 4           # keyframe items (14 slots each) per sampler call
     interpolation_batch: int = 4      # segments (14 frames each) per sampler call
     decode_batch: int = 2             # segments per decoder call
+    # Frames the temporal decoder sees together: 1 decodes frame by frame as KeyFace does
+    # (decoding_t = 1) and as autoencoders trained with clip_frames=1 expect; 14 decodes whole
+    # segments (for autoencoders trained on clips). Must divide the 14-frame segment.
+    decode_frames: int = 1
     num_steps: int = 10               # AYS schedule size (10 → 11 network evaluations)
     audio_scale: float = guidance.KEYFRAME_AUDIO_SCALE
     ref_scale: float = guidance.KEYFRAME_REF_SCALE
@@ -78,9 +82,20 @@ def _encode_mean(graphdef, state, images):
     return posterior_mode(mean, logvar)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _decode(graphdef, state, z):
-    return nnx.merge(graphdef, state).decode(from_diffusion_space(z))
+def decode_segments(autoencoder, z: jax.Array, decode_frames: int) -> jax.Array:
+    """Diffusion-space latents [B, T, h, w, c] → images [B, T, H, W, 3], the temporal decoder
+    seeing `decode_frames` consecutive frames at a time."""
+    b, t = z.shape[:2]
+    if t % decode_frames:
+        raise ValueError(f"decode_frames={decode_frames} does not divide the {t}-frame segment")
+    groups = z.reshape(b * t // decode_frames, decode_frames, *z.shape[2:])
+    images = autoencoder.decode(from_diffusion_space(groups))
+    return images.reshape(b, t, *images.shape[2:])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "decode_frames"))
+def _decode(graphdef, state, z, decode_frames):
+    return decode_segments(nnx.merge(graphdef, state), z, decode_frames)
 
 
 def _batches(items: Sequence, size: int):
@@ -238,7 +253,8 @@ class Generator:
         size = self.sizes["decode"]
         z = np.stack(chunks + [chunks[-1]] * (size - len(chunks)))
         ae = self.autoencoder
-        return np.asarray(_decode(ae.graphdef, ae.state, self._put(z)))[:len(chunks)]
+        return np.asarray(_decode(ae.graphdef, ae.state, self._put(z),
+                                  self.options.decode_frames))[:len(chunks)]
 
     def generate(self, clips: Sequence[ClipInputs], outputs: Sequence[str], *,
                  on_done: Callable[[int, dict], None] | None = None, progress: bool = True) -> list[dict]:

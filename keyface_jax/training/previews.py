@@ -162,8 +162,9 @@ class PreviewWriter:
 
         def decode(state, z):
             net = nnx.merge(graphdef, state)
-            # One clip at a time through the temporal decoder bounds the activation memory.
-            frames = jax.lax.map(lambda clip: net(from_diffusion_space(clip), num_frames=clip.shape[0]), z)
+            # One clip at a time bounds the activation memory; each frame decoded on its own, as
+            # KeyFace decodes (decoding_t = 1) and the autoencoder trainer trains by default.
+            frames = jax.lax.map(lambda clip: net(from_diffusion_space(clip), num_frames=1), z)
             frames = jnp.clip(frames.astype(jnp.float32), -1.0, 1.0)
             return jnp.round((frames + 1.0) * 127.5).astype(jnp.uint8)
 
