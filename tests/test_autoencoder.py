@@ -205,3 +205,6 @@ def test_generation_decodes_frame_by_frame_or_in_groups():
     assert np.abs(per_frame - whole).max() > 1e-3
     with pytest.raises(ValueError, match="does not divide"):
         decode_segments(model, z, 3)
+    from keyface_jax.generation.pipeline import GenerationOptions
+    with pytest.raises(ValueError, match="decode_frames=3 must divide"):
+        GenerationOptions(decode_frames=3)

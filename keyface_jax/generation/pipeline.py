@@ -60,6 +60,11 @@ class GenerationOptions:
     crf: int = 18                     # H.264 quality
     save_latents: bool = False        # also write <output>.latents.npy [F, h, w, 4] (memory-mapped)
 
+    def __post_init__(self):
+        if self.decode_frames < 1 or SLOTS % self.decode_frames:   # fail before any sampling
+            raise ValueError(f"decode_frames={self.decode_frames} must divide the {SLOTS}-frame "
+                             "segment (1, 2, 7 or 14)")
+
 
 @dataclasses.dataclass
 class Network:
