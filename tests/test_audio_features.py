@@ -139,8 +139,10 @@ def test_input_errors():
 def test_registry_errors():
     with pytest.raises(KeyError, match="unknown audio extractor"):
         get_extractor("mfcc")
-    with pytest.raises(KeyError, match="register_extractor"):
+    with pytest.raises(FileNotFoundError, match="BEATs_iter3_plus_AS2M.pt"):
         get_extractor("beats:/models/BEATs_iter3_plus_AS2M.pt")
+    with pytest.raises(ValueError, match="needs a weights path"):
+        get_extractor("beats")
     with pytest.raises(ValueError, match="integer"):
         get_extractor("logmel:wide")
     with pytest.raises(ValueError, match="non-empty"):
@@ -169,18 +171,21 @@ class _FakeBeats(AudioEventExtractor):
 
 @pytest.fixture
 def fake_beats():
-    register_extractor("beats", lambda path, **kw: _FakeBeats(path, **kw))
+    register_extractor("fakebeats", lambda path, **kw: _FakeBeats(path, **kw))
     yield
-    unregister_extractor("beats")
+    unregister_extractor("fakebeats")
 
 
 def test_registered_event_extractor_and_concat(fake_beats):
     wav = _speechlike(2 * 16000 + 123)
-    beats = get_extractor("beats:/models/beats.pt")
+    beats = get_extractor("fakebeats:/models/beats.pt")
     assert isinstance(beats, _FakeBeats) and beats.path == "/models/beats.pt"
     out = beats(wav, 51)
     assert out.shape == (51, 2, 12)
-    both = get_extractor("logmel + beats:/models/beats.pt")
+    # an odd frame count is encoded as 52 frames (the reference's even padding), then trimmed
+    padded = np.pad(wav, (0, 52 * SPF - wav.size))
+    np.testing.assert_array_equal(out, align_tokens(beats.encode(padded, 52), 52)[:51])
+    both = get_extractor("logmel + fakebeats:/models/beats.pt")
     assert isinstance(both, ConcatExtractor) and both.dim == 252
     assert both.name == "logmel+event"
     cat = both(wav, 51)
@@ -192,6 +197,8 @@ def test_registered_event_extractor_and_concat(fake_beats):
 
 
 # ----------------------------------------------------------------------------- transformers
+# The PyTorch path ('<kind>_torch:'); the JAX encoders are compared with it and with
+# transformers itself in tests/test_audio_encoders*.py.
 
 
 def _tiny_configs():
@@ -226,7 +233,7 @@ def test_hf_extractors_offline(kind, tiny_hf_models, monkeypatch):
     import transformers
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = tiny_hf_models[kind]
-    ex = get_extractor(f"{kind}:{folder}")
+    ex = get_extractor(f"{kind}_torch:{folder}")
     assert ex.dim == 32 and ex.name == kind
     for num_frames in (1, 7, 24):
         wav = _speechlike(num_frames * SPF - 200, seed=num_frames)  # short: padded to the frame
@@ -250,25 +257,26 @@ def test_hf_extractors_offline(kind, tiny_hf_models, monkeypatch):
     else:
         np.testing.assert_allclose(out[:47], ref, atol=1e-5)
         np.testing.assert_array_equal(out[47], 0)
-    np.testing.assert_array_equal(out, get_extractor(f"{kind}:{folder}")(wav, 24).reshape(48, 32))
+    again = get_extractor(f"{kind}_torch:{folder}")(wav, 24)
+    np.testing.assert_array_equal(out, again.reshape(48, 32))
 
 
 def test_hf_layer_choice_chunking_and_concat(tiny_hf_models, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = tiny_hf_models["wav2vec2"]
     wav = _speechlike(20 * SPF, seed=2)
-    first = get_extractor(f"wav2vec2:{folder}", layer=0)(wav, 20)
-    last = get_extractor(f"wav2vec2:{folder}")(wav, 20)
+    first = get_extractor(f"wav2vec2_torch:{folder}", layer=0)(wav, 20)
+    last = get_extractor(f"wav2vec2_torch:{folder}")(wav, 20)
     assert first.shape == last.shape == (20, 2, 32) and not np.allclose(first, last)
     # the given waveform is normalised before it is zero-padded to the frame count
     short = wav[:-300].astype(np.float64)
     normed = ((short - short.mean()) / np.sqrt(short.var() + 1e-7)).astype(np.float32)
-    np.testing.assert_allclose(get_extractor(f"wav2vec2:{folder}")(wav[:-300], 20),
-                               get_extractor(f"wav2vec2:{folder}", normalize=False)(normed, 20),
-                               atol=1e-5)
-    chunked = get_extractor(f"wav2vec2:{folder}", chunk_seconds=0.4)(wav, 20)   # 10-frame chunks
+    plain = get_extractor(f"wav2vec2_torch:{folder}", normalize=False)
+    np.testing.assert_allclose(get_extractor(f"wav2vec2_torch:{folder}")(wav[:-300], 20),
+                               plain(normed, 20), atol=1e-5)
+    chunked = get_extractor(f"wav2vec2_torch:{folder}", chunk_seconds=0.4)(wav, 20)  # 10 frames
     assert chunked.shape == (20, 2, 32)
-    both = get_extractor(f"wav2vec2:{folder}+logmel")
+    both = get_extractor(f"wav2vec2_torch:{folder}+logmel")
     assert both.dim == 272 and both(wav, 20).shape == (20, 2, 272)
 
 
@@ -276,9 +284,9 @@ def test_hf_errors(monkeypatch, tmp_path):
     pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="save_pretrained"):
-        get_extractor(f"wavlm:{tmp_path}")                 # a folder without a model
+        get_extractor(f"wavlm_torch:{tmp_path}")           # a folder without a model
     with pytest.raises(OSError, match="could not load"):
-        get_extractor("wavlm:someone/not-a-cached-model")
+        get_extractor("wavlm_torch:someone/not-a-cached-model")
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match="logmel"):
         get_extractor(f"hubert:{tmp_path}")

@@ -2,12 +2,13 @@
 
     from keyface_jax.audio import get_extractor, load_audio_16k_mono
     wav = load_audio_16k_mono("clip.mp4")
-    extractor = get_extractor("wav2vec2:/models/wav2vec2-base-960h+logmel:768")  # speech ⊕ event
+    extractor = get_extractor("wavlm:/m/WavLM-Base+.pt+beats:/m/BEATs.pt")   # speech ⊕ event
     tokens = extractor(wav, num_frames)          # [num_frames, 2, 1536] float32
 
 Every extractor follows `AudioFeatureExtractor` (name, dim, __call__); alignment rules are in
-`keyface_jax.audio.base`. Only 'logmel' is built in without extra dependencies; the speech encoders
-need torch + transformers; a BEATs-style event encoder plugs in with `register_extractor`.
+`keyface_jax.audio.base`. WavLM, wav2vec2 and BEATs run in JAX (`jax_encoders`, no torch needed;
+weights from transformers folders or the original Microsoft checkpoints, `weights`); 'logmel'
+needs no weights; the `*_torch` variants and HuBERT go through PyTorch transformers (`hf`).
 """
 
 from keyface_jax.audio.base import (AudioEventExtractor, AudioFeatureExtractor, ConcatExtractor,

@@ -101,6 +101,18 @@ def align_tokens(tokens: np.ndarray, num_frames: int, odd_rule: str = "resample"
                                 dtype=np.float32)
 
 
+def standardize(waveform: np.ndarray, eps: float) -> np.ndarray:
+    """(x − mean) / √(var + eps) over the whole array, in float64 (float32 out).
+
+    wav2vec2's reference normalises the whole file with eps 1e-7 before fitting it to the frames;
+    WavLM's (`normalize` checkpoints) applies `F.layer_norm(x, x.shape)`, eps 1e-5, to the span
+    it encodes."""
+    if waveform.size == 0:
+        return waveform
+    wav = waveform.astype(np.float64)
+    return ((wav - wav.mean()) / np.sqrt(wav.var() + eps)).astype(np.float32)
+
+
 class TokenExtractor(abc.ABC):
     """Base for encoders: validation and frame fitting here, `encode` in the subclass.
 
@@ -108,15 +120,24 @@ class TokenExtractor(abc.ABC):
     which receives the waveform already fitted to `num_frames · 640` samples and returns either
     [L, dim] tokens (aligned here by `align_tokens`) or an already aligned [F, 2, dim] array.
     `prepare(waveform)` may transform the whole waveform before the fitting.
+
+    `pad_to_even` (reference WavLM and BEATs): an odd frame count is encoded as F + 1 frames
+    (one frame of zeros appended), aligned onto 2(F + 1) tokens, and the extra frame dropped,
+    which is what `get_audio_embeddings.py` computes for frames 0..F−1.
     """
 
     name: str = "tokens"
     dim: int = 0
     odd_rule: str = "resample"
+    pad_to_even: bool = False
 
     def prepare(self, waveform: np.ndarray) -> np.ndarray:
         """Whole-waveform preprocessing before frame fitting (e.g. normalisation); identity here."""
         return waveform
+
+    def encoded_frames(self, num_frames: int) -> int:
+        """Frames actually encoded for `num_frames` (one more when `pad_to_even` and odd)."""
+        return num_frames + (num_frames % 2 if self.pad_to_even else 0)
 
     @abc.abstractmethod
     def encode(self, waveform: np.ndarray, num_frames: int) -> np.ndarray:
@@ -127,9 +148,11 @@ class TokenExtractor(abc.ABC):
         num_frames = check_num_frames(num_frames)
         if num_frames == 0:
             return np.zeros((0, TOKENS_PER_FRAME, self.dim), np.float32)
-        out = np.asarray(self.encode(fit_to_frames(self.prepare(wav), num_frames), num_frames))
+        frames = self.encoded_frames(num_frames)
+        out = np.asarray(self.encode(fit_to_frames(self.prepare(wav), frames), frames))
         if out.ndim == 2:
-            out = align_tokens(out, num_frames, self.odd_rule)
+            out = align_tokens(out, frames, self.odd_rule)
+        out = out[:num_frames]
         expected = (num_frames, TOKENS_PER_FRAME, self.dim)
         if out.shape != expected:
             raise RuntimeError(f"{self.name}: encoder gave {out.shape}, expected {expected}")
@@ -150,13 +173,14 @@ class AudioEventExtractor(TokenExtractor):
     returning the flattened [num_patches, dim] sequence from `encode`; the default
     `odd_rule="resample"` then does the reference's nearest resampling.
 
-    Register a factory so that `get_extractor("beats:<path>")` builds it:
-
-        register_extractor("beats", lambda arg, **kw: MyBeats(checkpoint=arg, **kw))
+    Built in: `get_extractor("beats:<checkpoint.pt>")` (`keyface_jax.audio.jax_encoders`). Another
+    event encoder plugs in with `register_extractor("myevents", lambda arg, **kw: Mine(arg))`.
+    Odd frame counts are padded to even, as the reference does for BEATs.
     """
 
     name = "event"
     odd_rule = "resample"
+    pad_to_even = True
 
 
 class ConcatExtractor:

@@ -4,12 +4,13 @@ Optional: `transformers` and `torch` are imported only when one of these is buil
 from a local folder (`config.json` + `model.safetensors`, what `save_pretrained` writes) or a hub
 name that is already in the local cache; nothing is downloaded when `HF_HUB_OFFLINE=1`.
 
-Reference behaviour (spec §2.3, `scripts/util/audio_wrapper.py`) and what we do:
+Reference behaviour (spec §2.3, `scripts/util/audio_wrapper.py`), the same as the JAX encoders
+of `keyface_jax.audio.jax_encoders` (which need no torch; these remain as an option):
 
-- wavlm: reference WavLM-Base+ (fairseq), last layer; no input normalisation (a layer norm only
-  if the checkpoint config asks for it); tokens nearest-resampled to 2·F. The reference first
-  zero-pads odd frame counts to even ones and resamples the padded span onto 2·F slots (up to
-  one token of drift at the end); we encode exactly F frames, so token t stays at t·20 ms.
+- wavlm: reference WavLM-Base+ (fairseq), last layer; an odd frame count is padded to even with
+  a zero frame; a layer norm over the encoded span only if the checkpoint asks for it
+  (`normalize`; for a transformers folder, its preprocessor's `do_normalize`); tokens
+  nearest-resampled to 2·F, the padded frame dropped.
 - wav2vec2: reference facebook/wav2vec2-base-960h, `model.wav2vec2` last hidden state; the whole
   file normalised to zero mean and unit variance; one zero token appended when the count is odd
   (2F − 1 → 2F).
@@ -17,10 +18,8 @@ Reference behaviour (spec §2.3, `scripts/util/audio_wrapper.py`) and what we do
   normalisation as its feature-extractor config says; tokens as wav2vec2.
 
 The released WavLM-Base+ `.pt` is a fairseq checkpoint; its transformers conversion is
-`microsoft/wavlm-base-plus` (same weights), which is what "wavlm:<folder>" expects. A folder's
-`preprocessor_config.json`, when present, decides normalisation (`do_normalize`); otherwise the
-kind's default above applies; `normalize=` overrides both. As in the reference, the whole given
-waveform is normalised before it is fitted (padded/trimmed) to the frame count.
+`microsoft/wavlm-base-plus` (same weights), which is what "wavlm_torch:<folder>" expects (the JAX
+"wavlm:" reads the `.pt` itself). `normalize=` overrides the checkpoint's choice.
 
 Long files are encoded in chunks of whole frames (`chunk_seconds`, default 1000 s, the reference's
 chunk size), each chunk aligned to its own 2·F_chunk tokens.
@@ -28,12 +27,11 @@ chunk size), each chunk aligned to its own 2·F_chunk tokens.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from keyface_jax.audio.base import TokenExtractor, align_tokens
+from keyface_jax.audio.base import TokenExtractor, align_tokens, standardize
 from keyface_jax.data.schema import AUDIO_RATE, SAMPLES_PER_FRAME
 
 KINDS = {
@@ -42,6 +40,8 @@ KINDS = {
     "wav2vec2": ("Wav2Vec2Model", True, "zero_pad"),
     "hubert": ("HubertModel", False, "zero_pad"),
 }
+FILE_NORM_EPS = 1e-7     # wav2vec2/hubert: whole-file standardisation before fitting
+SPAN_NORM_EPS = 1e-5     # WavLM `normalize`: F.layer_norm over the encoded span
 
 
 def _import_transformers():
@@ -94,12 +94,15 @@ class HFSpeechExtractor(TokenExtractor):
                 "`save_pretrained` (config.json + model.safetensors), or fetch the hub model "
                 "into the cache on a machine with network access first") from err
         self.model = model.to(device).eval()
-        self.normalize = _folder_normalize(source) if normalize is None else bool(normalize)
+        from keyface_jax.audio.configs import preprocessor_normalize
+        self.normalize = preprocessor_normalize(source) if normalize is None else bool(normalize)
         if self.normalize is None:
             self.normalize = default_norm
         self.dim = int(model.config.hidden_size)
         self.name = kind
-        self.chunk_frames = max(1, int(chunk_seconds * AUDIO_RATE) // SAMPLES_PER_FRAME)
+        self.pad_to_even = kind == "wavlm"
+        frames = max(1, int(chunk_seconds * AUDIO_RATE) // SAMPLES_PER_FRAME)
+        self.chunk_frames = frames + (frames % 2 if self.pad_to_even else 0)
 
     def _tokens(self, wav: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -110,28 +113,20 @@ class HFSpeechExtractor(TokenExtractor):
             return h[0].float().cpu().numpy()
 
     def prepare(self, waveform: np.ndarray) -> np.ndarray:
-        if not self.normalize or waveform.size == 0:
+        if not self.normalize or self.kind == "wavlm":
             return waveform
-        wav = waveform.astype(np.float64)
-        return ((wav - wav.mean()) / np.sqrt(wav.var() + 1e-7)).astype(np.float32)
+        return standardize(waveform, FILE_NORM_EPS)
 
     def encode(self, wav: np.ndarray, num_frames: int) -> np.ndarray:
         parts = []
         for start in range(0, num_frames, self.chunk_frames):
             n = min(self.chunk_frames, num_frames - start)
             chunk = wav[start * SAMPLES_PER_FRAME:(start + n) * SAMPLES_PER_FRAME]
+            if self.normalize and self.kind == "wavlm":
+                chunk = standardize(chunk, SPAN_NORM_EPS)
             parts.append(align_tokens(self._tokens(chunk), n, self.odd_rule))
         return np.concatenate(parts, axis=0)
 
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-def _folder_normalize(source: str) -> bool | None:
-    path = os.path.join(source, "preprocessor_config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        value = json.load(f).get("do_normalize")
-    return None if value is None else bool(value)

@@ -4,13 +4,17 @@ Specs are `prefix[:argument]`, several joined with `+` make a `ConcatExtractor` 
 
     logmel                      built-in log-mel + Δ + ΔΔ, 240 dims (no weights, numpy only)
     logmel:768                  the same through a fixed orthonormal projection to 768 dims
-    wavlm:<folder or hub name>  transformers WavLMModel, last layer
-    wav2vec2:<folder or name>   transformers Wav2Vec2Model, last hidden state
-    hubert:<folder or name>     transformers HubertModel, last hidden state
-    beats:<checkpoint>          whatever factory was registered for "beats" (none is built in)
-    wav2vec2:/m/w2v+beats:/m/beats.pt    both, concatenated on the feature axis
+    wavlm:<weights>             WavLM in JAX, last layer: a transformers folder, a cached hub
+                                name or the original WavLM-Base+.pt / WavLM-Large.pt
+    wav2vec2:<weights>          wav2vec2 in JAX, last hidden state: a transformers folder or name
+    beats:<checkpoint.pt>       BEATs in JAX: an original {"cfg", "model"} BEATs checkpoint
+    wavlm_torch:<folder|name>   the same encoders through PyTorch transformers (optional deps);
+    wav2vec2_torch:<...>        `hubert`/`hubert_torch` (HubertModel) exist only this way
+    wavlm:/m/WavLM-Base+.pt+beats:/m/beats.pt    both, concatenated on the feature axis
 
-Keyword arguments of `get_extractor` go to every factory (e.g. `layer=`, `device=`).
+The JAX encoders need no torch (`keyface_jax.audio.jax_encoders`). Keyword arguments of
+`get_extractor` go to every factory (e.g. `batch_size=` and `dtype=` for the JAX encoders,
+`layer=` and `device=` for the torch ones).
 """
 
 from __future__ import annotations
@@ -51,14 +55,6 @@ def get_extractor(spec: str, **kwargs):
     prefix, _, arg = parts[0].partition(":")
     prefix = prefix.strip().lower()
     if prefix not in _FACTORIES:
-        if prefix == "beats":
-            raise KeyError(
-                "no 'beats' audio-event extractor is registered. BEATs (the reference NSV carrier, "
-                "spec §8) has no transformers implementation, so plug one in: subclass "
-                "keyface_jax.audio.AudioEventExtractor (implement encode(waveform, num_frames) "
-                "returning the flattened [patches, 768] encoder output) and call "
-                "keyface_jax.audio.register_extractor('beats', lambda path, **kw: MyBeats(path)). "
-                "Without BEATs, 'logmel' (or 'logmel:768') is a dependency-free event channel.")
         raise KeyError(f"unknown audio extractor {prefix!r} in spec {spec!r}; "
                        f"registered: {registered_prefixes()}")
     return _FACTORIES[prefix](arg.strip(), **kwargs)
@@ -81,6 +77,23 @@ def _hf(kind: str) -> Factory:
     return factory
 
 
+def _jax(kind: str) -> Factory:
+    def factory(arg: str, **kwargs):
+        if not arg:
+            raise ValueError(f"'{kind}:' needs a weights path, e.g. '{kind}:/models/{kind}'")
+        from keyface_jax.audio import jax_encoders
+        if kind == "beats":
+            return jax_encoders.beats_extractor(arg, **kwargs)
+        extractor = jax_encoders.speech_extractor(arg, **kwargs)
+        if extractor.name != kind:
+            raise ValueError(f"'{kind}:{arg}' holds a {extractor.name} model")
+        return extractor
+    return factory
+
+
 register_extractor("logmel", _logmel)
+for _kind in ("wavlm", "wav2vec2", "beats"):
+    register_extractor(_kind, _jax(_kind))
 for _kind in ("wavlm", "wav2vec2", "hubert"):
-    register_extractor(_kind, _hf(_kind))
+    register_extractor(f"{_kind}_torch", _hf(_kind))
+register_extractor("hubert", _hf("hubert"))
