@@ -176,6 +176,22 @@ def test_chunks_and_batch_api(hf_models):
     assert ex.batch([waves[0]], [0])[0].shape == (0, 2, 32)
 
 
+def test_attention_in_query_blocks_equals_one_block():
+    """Long sequences (> 2 blocks) are attended block by block; same values, masks and bias."""
+    import jax
+    import jax.numpy as jnp
+    from keyface_jax.audio.transformer import attend
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 37, 3, 4)), jnp.float32) for _ in range(3))
+    valid = jnp.arange(37)[None] < jnp.array([[37], [29]])
+    table = jnp.asarray(rng.standard_normal((3, 73)), jnp.float32)
+    gate = jnp.asarray(rng.uniform(1, 3, (2, 3, 37)), jnp.float32)
+    for args in ((table, gate), (None, None)):
+        one = jax.jit(lambda *a: attend(*a, block=64))(q, k, v, valid, *args)
+        blocks = jax.jit(lambda *a: attend(*a, block=8))(q, k, v, valid, *args)
+        np.testing.assert_allclose(np.asarray(blocks), np.asarray(one), rtol=1e-5, atol=1e-6)
+
+
 def test_relative_buckets_match_transformers():
     from transformers.models.wavlm.modeling_wavlm import WavLMAttention
     rel = np.arange(-6000, 6000)
