@@ -12,8 +12,8 @@ Sources:
 Key accounting is strict, as in the UNet importers: every parameter must be filled and every
 checkpoint tensor used, except the few that inference never reads (`IGNORED_*` below); shape
 mismatches name the key and both shapes. The original checkpoints' names (fairseq) are mapped onto
-the transformers names our modules mirror by `RENAMES`, a table read in both directions (tests
-build original-layout files from transformers weights with it). The positional convolution's
+the transformers names our modules mirror by `wavlm_renames(mode)` / `BEATS_RENAMES`, tables read
+in both directions (tests build original-layout files from transformers weights with them). The positional convolution's
 weight norm (g, v) is folded into one weight, w = g·v/‖v‖ (norm over all but the kernel axis).
 `gs://` paths are copied to a local temporary folder first.
 """
