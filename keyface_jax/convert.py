@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm import tqdm
 
-from keyface_jax.checkpoints import io, keyface_ckpt
+from keyface_jax.conversion import io, keyface_ckpt
 from keyface_jax.config_lib import autoencoder_config, load_config, network_config
 from keyface_jax.models.autoencoder import AutoencoderKL
 from keyface_jax.models.keyface import build_network

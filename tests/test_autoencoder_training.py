@@ -19,12 +19,12 @@ import pytest
 from flax import nnx
 
 from configs import keyframe
-from keyface_jax.checkpoints.keyface_ckpt import load_orbax_export
+from keyface_jax.conversion.keyface_ckpt import load_orbax_export
 from keyface_jax.config_lib import autoencoder_config
 from keyface_jax.data.video_frames import evaluation_frames, load_video_frames
 from keyface_jax.models.autoencoder import AutoencoderKL
 from keyface_jax.training import autoencoder_trainer
-from keyface_jax.training.initialization import frozen_decoder
+from keyface_jax.training.weight_sources import frozen_decoder
 from keyface_jax.training.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

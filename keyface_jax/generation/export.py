@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from keyface_jax.generation.pipeline import decode_segments
+from keyface_jax.generation.decoding import decode_segments
 from keyface_jax.generation.plan import SLOTS
 from keyface_jax.sampling import guided
 from keyface_jax.sampling.euler import initial_noise, sample

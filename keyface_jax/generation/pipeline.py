@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from keyface_jax.data.schema import AUDIO_RATE, FPS
+from keyface_jax.generation.decoding import decode_jitted
 from keyface_jax.generation.inputs import ClipInputs
 from keyface_jax.generation.plan import SLOTS, STRIDE, ClipPlan
 from keyface_jax.media.video import VideoWriter
@@ -85,22 +86,6 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 def _encode_mean(graphdef, state, images):
     mean, logvar = nnx.merge(graphdef, state).encode(images.astype(jnp.float32) / 127.5 - 1.0)
     return posterior_mode(mean, logvar)
-
-
-def decode_segments(autoencoder, z: jax.Array, decode_frames: int) -> jax.Array:
-    """Diffusion-space latents [B, T, h, w, c] → images [B, T, H, W, 3], the temporal decoder
-    seeing `decode_frames` consecutive frames at a time."""
-    b, t = z.shape[:2]
-    if t % decode_frames:
-        raise ValueError(f"decode_frames={decode_frames} does not divide the {t}-frame segment")
-    groups = z.reshape(b * t // decode_frames, decode_frames, *z.shape[2:])
-    images = autoencoder.decode(from_diffusion_space(groups))
-    return images.reshape(b, t, *images.shape[2:])
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "decode_frames"))
-def _decode(graphdef, state, z, decode_frames):
-    return decode_segments(nnx.merge(graphdef, state), z, decode_frames)
 
 
 def _batches(items: Sequence, size: int):
@@ -258,7 +243,7 @@ class Generator:
         size = self.sizes["decode"]
         z = np.stack(chunks + [chunks[-1]] * (size - len(chunks)))
         ae = self.autoencoder
-        return np.asarray(_decode(ae.graphdef, ae.state, self._put(z),
+        return np.asarray(decode_jitted(ae.graphdef, ae.state, self._put(z),
                                   self.options.decode_frames))[:len(chunks)]
 
     def generate(self, clips: Sequence[ClipInputs], outputs: Sequence[str], *,

@@ -27,12 +27,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from keyface_jax.data.batch_layout import to_global
 from keyface_jax.data.schema import KEYFRAME_STRIDE
 from keyface_jax.media.video import write_video
 from keyface_jax.models.autoencoder import from_diffusion_space
 from keyface_jax.sampling import sampler
-from keyface_jax.training import batches as batch_lib
-from keyface_jax.training import initialization
+from keyface_jax.training import weight_sources
 
 log = logging.getLogger("keyface_jax.train")
 
@@ -109,7 +109,7 @@ class PreviewWriter:
         self.fps = VIDEO_FPS / KEYFRAME_STRIDE if self.kind == "keyframe" else VIDEO_FPS
         self._replicated = NamedSharding(mesh, PartitionSpec())
         batch = self._fixed_batch(first_batch, clips)
-        place = lambda tree: batch_lib.to_global(tree, self._replicated)
+        place = lambda tree: to_global(tree, self._replicated)
         self._conditions = place(preview_conditions(batch, self.kind))
         self._truth_latents = place({"z": batch["latents"]})["z"]
         key = jax.random.fold_in(jax.random.key(config.seed), NOISE_STREAM)
@@ -155,7 +155,7 @@ class PreviewWriter:
             log.info("previews: config.init.autoencoder is not set, so the previews show latent "
                      "channels 0-2 as RGB instead of decoded frames")
             return None
-        decoder = initialization.frozen_decoder(config.init, config.autoencoder, dtype)
+        decoder = weight_sources.frozen_decoder(config.init, config.autoencoder, dtype)
         graphdef, state = nnx.split(decoder)
         state = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
             self._replicated, np.asarray(x)), state)
@@ -186,8 +186,7 @@ class PreviewWriter:
         if not self.due(step):
             return 0.0
         start = time.perf_counter()
-        weights = state["ema"] if state.get("ema") is not None else state["params"]
-        sample = self._sample(weights, state["frozen"], self._conditions, self._key_data)
+        sample = self._sample(state.weights(), state.frozen, self._conditions, self._key_data)
         if self._truth_pictures is None:
             self._truth_pictures = self._pictures(self._truth_latents)
         video = side_by_side(self._truth_pictures, self._pictures(sample))
