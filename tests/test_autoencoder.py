@@ -186,9 +186,9 @@ def test_latent_rescaling_keeps_reconstructions():
 
 
 def test_generation_decodes_frame_by_frame_or_in_groups():
-    """generation.pipeline.decode_segments: decode_frames=1 is each frame decoded on its own (as
+    """generation.decoding.decode_segments: decode_frames=1 is each frame decoded on its own (as
     KeyFace decodes), 14 the whole segment through the temporal layers; the two differ."""
-    from keyface_jax.generation.pipeline import decode_segments
+    from keyface_jax.generation.decoding import decode_segments
     from keyface_jax.models.autoencoder import from_diffusion_space
 
     model = _tiny_model(block_out_channels=(32,))

@@ -131,8 +131,8 @@ def test_export_round_trips_into_every_reader(killed_and_resumed, videos):
     assert logged["step"] == STEPS
     frames = evaluation_frames(load_video_frames(videos), EVAL_FRAMES)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-    state = {"params": nnx.state(model, nnx.Param), "frozen": nnx.State({}), "ema": None}
-    scores = autoencoder_trainer.evaluate(nnx.split(model)[0], state, frames, mesh)
+    scores = autoencoder_trainer.evaluate(nnx.split(model)[0], nnx.state(model, nnx.Param), frames,
+                                          mesh)
     assert scores["eval_psnr"] == logged["eval_psnr"]
     # ... at SVD's latent scale: diffusion-space latents (× 0.18215) of unit standard deviation.
     assert scores["eval_latent_std"] == logged["eval_latent_std"]
