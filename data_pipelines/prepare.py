@@ -11,6 +11,7 @@ data_pipelines/stages.py and data_pipelines/README.md.
 
 import dataclasses
 import json
+import os
 import sys
 
 from absl import app, flags
@@ -57,12 +58,18 @@ def main(argv):
 
     from data_pipelines.tools import audio_extractor, build_tools
     from keyface_jax.config_lib import autoencoder_config
+    from keyface_jax.data.schema import require_local
+    from keyface_jax.paths import canonical
     config = FLAGS.config
+    require_local(FLAGS.videos, "--videos")
+    require_local(FLAGS.output, "--output")
     values = {name: getattr(FLAGS, name) for name in _FIELDS}
     values["image_size"] = values["image_size"] or config.autoencoder.image_size
     audio_spec = FLAGS.audio_features or f"logmel:{config.model.audio_dim}"
-    opts = PrepareOptions(vae=FLAGS.vae, audio_features=audio_spec, emotions=FLAGS.emotions,
-                          **values)
+    # Paths recorded in the dataset resolved, so a re-run matches whatever form they had.
+    vae = FLAGS.vae if FLAGS.vae == "random" else canonical(FLAGS.vae)
+    emotions = canonical(FLAGS.emotions) if os.path.exists(FLAGS.emotions) else FLAGS.emotions
+    opts = PrepareOptions(vae=vae, audio_features=audio_spec, emotions=emotions, **values)
     run = stages.RunConfig(
         output=FLAGS.output, name=FLAGS.name, workers=FLAGS.workers, batch_size=FLAGS.batch_size,
         num_hosts=FLAGS.num_hosts or jax.process_count(),

@@ -123,8 +123,13 @@ def check_options(ws: Workspace, record: dict) -> None:
         return
     old = dataset_writer.read_json(path)
     if old != record:
-        diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
-        raise ValueError(f"{ws.root} was prepared with other options ({', '.join(diff)}): "
+        flat = lambda d: {f"{k}.{i}" if isinstance(v, dict) else k: (w if isinstance(v, dict) else v)
+                          for k, v in d.items()
+                          for i, w in (v.items() if isinstance(v, dict) else [(None, v)])}
+        before, now = flat(old), flat(record)
+        diff = [f"{k}: {before.get(k)!r} then, {now.get(k)!r} now"
+                for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        raise ValueError(f"{ws.root} was prepared with other options ({'; '.join(diff)}): "
                          "use another --output (or delete it) to prepare with new ones")
 
 

@@ -7,8 +7,15 @@
     # multi-host: the same command on every host (TPU pods and SLURM are detected), or explicitly
     python -m keyface_jax.train ... --coordinator_address=host0:1234 --num_processes=2 --process_id=0
 
-Re-running the same command resumes from the newest good checkpoint in `workdir/checkpoints`.
+The workdir may be relative, absolute or gs://bucket/... Re-running the same command resumes
+from the newest checkpoint in `workdir/checkpoints` (a finished run returns at once). A workdir
+whose checkpoints were written under another config is refused (nothing in it is changed).
 Metrics go to `workdir/tensorboard` (TensorBoard) and `workdir/metrics.jsonl`.
+
+Exit status: 0 the run reached config.train.steps (now or before); 1 an error (the message says
+which; a workdir whose checkpoints do not fit the config is one); 3 stopped early by SIGTERM or a
+preemption after saving a checkpoint: run the same command again to resume.
+`--verbose` (or KEYFACE_VERBOSE=1) shows the libraries' INFO logging too.
 """
 
 from __future__ import annotations
@@ -21,14 +28,17 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from keyface_jax import cpu_allocator
+from keyface_jax import console, cpu_allocator
 from keyface_jax.config_lib import dtypes, network_config
 from keyface_jax.diffusion.objective import ObjectiveConfig, lpips_for_objective
 from keyface_jax.models.build import abstract_network
 from keyface_jax.models.keyface import build_network
 from keyface_jax.data.loader import train_batches
 from keyface_jax.training import distributed, weight_sources
-from keyface_jax.training.loop import RunSummary, compile_step, mesh_from_config, run_loop, summarize
+from keyface_jax.conversion.io import CheckpointError
+from keyface_jax.paths import as_path
+from keyface_jax.training.loop import (RunSummary, already_done, compile_step, mesh_from_config,
+                                       run_loop, summarize)
 from keyface_jax.training.optimizer import make_optimizer
 from keyface_jax.training.previews import PreviewWriter
 from keyface_jax.training.resume import start_or_resume
@@ -61,6 +71,7 @@ def _initial_params(config, net_cfg, abstract, shardings, dtype):
     initialised directly on the devices (already sharded) for a fresh run."""
     source = weight_sources.WeightSource.from_init_config(config.init)
     loaded = weight_sources.network_state(source, net_cfg, abstract, seed=config.seed, dtype=dtype)
+    log.info("initial weights: %s", source.describe())
     if loaded is not None:
         _, trainable, frozen = split_network(nnx.merge(nnx.split(abstract)[0], loaded),
                                              config.trainable)
@@ -73,7 +84,7 @@ def _initial_params(config, net_cfg, abstract, shardings, dtype):
     return jax.jit(create, out_shardings=shardings)()
 
 
-def train(config, workdir: str, *, stop_after: int | None = None) -> RunSummary:
+def train(config, workdir, *, stop_after: int | None = None) -> RunSummary:
     """Runs (or resumes) training to config.train.steps. `stop_after` ends the process-local loop
     early after that many steps of this call (tests use it to simulate interruption).
     Configs with `task="autoencoder"` (configs/autoencoder.py) train the VAE instead."""
@@ -89,8 +100,12 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> RunSummary:
     abstract = abstract_network(net_cfg, dtype=dtype, param_dtype=param_dtype)
     graphdef, abs_trainable, abs_frozen = split_network(abstract, config.trainable)
     initial = functools.partial(_initial_params, config, net_cfg, abstract, dtype=dtype)
+    workdir = as_path(workdir)
     run = start_or_resume(config, workdir, abs_trainable, abs_frozen, tx, mesh, initial,
                           what=f"{net_cfg.kind} model")
+    if run.finished:
+        run.checkpoints.close()
+        return already_done(run.start)
     data = train_batches(config, mesh, start=run.start)
 
     aux_modules = _aux_modules(config, objective, dtype)
@@ -119,21 +134,36 @@ def main(argv=None) -> int:
     flags.DEFINE_integer("process_id", -1, "this process's index (multi-host)")
     flags.mark_flags_as_required(["config", "workdir"])
 
+    flags.DEFINE_bool("verbose", False, "also show the libraries' INFO logging (KEYFACE_VERBOSE=1)")
+
     def run(_):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        console.setup_logging(flags.FLAGS.verbose)
         distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
                                flags.FLAGS.process_id)
         cpu_allocator.warn_if_missing()
-        summary = train(config_flag.value, flags.FLAGS.workdir)
+        try:
+            summary = train(config_flag.value, flags.FLAGS.workdir)
+        except CheckpointError as e:        # a workdir that does not fit, weights that do not load
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
         if jax.process_index() == 0:
-            last = summary.losses.get(summary.final_step)
-            print(f"done: steps {summary.start_step} → {summary.final_step}, final loss {last}, "
-                  f"mean step {summary.mean_step_seconds}, MFU {summary.mfu}, preempted {summary.preempted}"
-                  + (f", eval {summary.eval_metrics}" if summary.eval_metrics else ""), flush=True)
+            if summary.already_done:
+                print(f"done: already trained to step {summary.final_step} in "
+                      f"{flags.FLAGS.workdir} (nothing to do)", flush=True)
+            else:
+                last = summary.losses.get(summary.final_step)
+                print(f"done: steps {summary.start_step} → {summary.final_step}, final loss {last}, "
+                      f"mean step {summary.mean_step_seconds}, MFU {summary.mfu}, preempted "
+                      f"{summary.preempted}"
+                      + (f", eval {summary.eval_metrics}" if summary.eval_metrics else ""), flush=True)
         if jax.process_count() > 1:
             jax.distributed.shutdown()
+        return 3 if summary.preempted else 0
 
-    app.run(run, argv=argv or sys.argv)
+    try:
+        app.run(run, argv=argv or sys.argv)
+    except SystemExit as e:
+        return int(e.code or 0)
     return 0
 
 

@@ -19,6 +19,7 @@ import grain
 from jax.sharding import Mesh
 
 from keyface_jax.data.pipeline import DataConfig, indexed_loader, make_loader
+from keyface_jax.data.schema import require_local
 
 # DataConfig fields that the run config sets elsewhere, not in config.data.
 _DERIVED = ("kind", "global_batch", "clip_frames", "num_batches")
@@ -50,6 +51,7 @@ def train_batches(config, mesh: Mesh, start: int = 0) -> grain.DatasetIterator:
         raise ValueError("config.data.path is empty: give a prepared dataset folder "
                          "(python -m data_pipelines.prepare) or 'synthetic'")
     if cfg.path != "synthetic":
+        require_local(cfg.path, "config.data.path")
         return make_loader(cfg, mesh, start)
     from keyface_jax.config_lib import network_config
     from keyface_jax.data.synthetic_batches import SyntheticBatches

@@ -38,6 +38,18 @@ TOKENS_PER_FRAME = 2                    # audio tokens per video frame (50 Hz fe
 KEYFRAME_STRIDE = 13                    # keyframes are 13 frames apart
 CLIP_FRAMES = 14                        # frames per training clip, both stages
 VIDEO_TABLE = "videos.json"
+# ArrayRecord reads and writes local files only (riegeli's file I/O), so datasets live on a local
+# or mounted file system; on a pod, a bucket is mounted with gcsfuse (launch/tpu_pod.sh).
+LOCAL_ONLY = ("datasets are read and written with ArrayRecord, which opens local files only: "
+              "mount the bucket with gcsfuse (launch/tpu_pod.sh does, at /mnt/<bucket>) and give "
+              "the mounted path")
+
+
+def require_local(path: str, what: str) -> str:
+    """`path` unchanged if it is a local path; a URL is an error that says what to do instead."""
+    if "://" in str(path):
+        raise ValueError(f"{what}={path}: {LOCAL_ONLY}")
+    return path
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ import logging
 
 import numpy as np
 
+from keyface_jax.data.schema import require_local
 from keyface_jax.media.errors import MediaError
 from keyface_jax.media.video import read_frames
 from keyface_jax.media.video_list import list_videos
@@ -28,7 +29,7 @@ def load_video_frames(videos: str, *, fps: float = 25.0, frame_stride: int = 1,
     a list file, as `data_pipelines.prepare --videos`), sorted by name. Unreadable files are
     skipped with a warning; finding no frames at all is an error."""
     out = {}
-    for item in list_videos(videos):
+    for item in list_videos(require_local(videos, "config.data.videos")):
         try:
             frames, _ = read_frames(item.path, fps)
         except MediaError as e:

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
+import shutil
+import tempfile
 from typing import Callable, Sequence
 
 import jax
@@ -38,6 +41,7 @@ from keyface_jax.generation.inputs import ClipInputs
 from keyface_jax.generation.plan import SLOTS, STRIDE, ClipPlan
 from keyface_jax.media.video import VideoWriter
 from keyface_jax.models.autoencoder import from_diffusion_space, posterior_mode
+from keyface_jax.paths import as_path, is_url, publish, write_bytes
 from keyface_jax.sampling import guidance
 from keyface_jax.sampling.sampler import sample_interpolation, sample_keyframes
 
@@ -248,33 +252,43 @@ class Generator:
 
     def generate(self, clips: Sequence[ClipInputs], outputs: Sequence[str], *,
                  on_done: Callable[[int, dict], None] | None = None, progress: bool = True) -> list[dict]:
-        """Writes each clip's mp4 atomically (a temporary name, renamed when complete)."""
+        """Writes each clip's mp4 (local or gs://) whole: under a temporary name, renamed or
+        uploaded when complete."""
         plans = [ClipPlan(c.num_frames) for c in clips]
         identities = self.encode_identities(clips)
         keyframes = self.sample_keyframes(clips, identities, progress)
         results: list[dict | None] = [None] * len(clips)
+        # Local outputs are written beside their final name and renamed; gs:// ones are written
+        # here and uploaded whole when complete.
+        scratch = tempfile.mkdtemp(prefix="keyface_generate_")
 
         def open_writer(c):
-            os.makedirs(os.path.dirname(os.path.abspath(outputs[c])), exist_ok=True)
-            return _ClipWriter(clips[c], plans[c], partial_path(outputs[c]), self.options,
-                               self.latent_shape)
+            staging = (os.path.join(scratch, f"{c}_{as_path(outputs[c]).name}")
+                       if is_url(outputs[c]) else partial_path(outputs[c]))
+            as_path(outputs[c]).parent.mkdir(parents=True, exist_ok=True)
+            return _ClipWriter(clips[c], plans[c], staging, self.options, self.latent_shape)
 
         def close_writer(c, writer):
             frames = writer.close()
             if frames != plans[c].num_frames:
                 raise RuntimeError(f"{outputs[c]}: wrote {frames} frames, planned {plans[c].num_frames}")
             if self.options.save_latents:
-                os.replace(writer.path + ".latents.npy", outputs[c] + ".latents.npy")
+                publish(writer.path + ".latents.npy", outputs[c] + ".latents.npy")
             # the identity crop the models saw (the reference image for drift metrics)
-            Image.fromarray(clips[c].face).save(identity_path(outputs[c]))
-            os.replace(writer.path, outputs[c])
+            png = io.BytesIO()
+            Image.fromarray(clips[c].face).save(png, format="png")
+            write_bytes(identity_path(outputs[c]), png.getvalue())
+            publish(writer.path, outputs[c])
             results[c] = dict(name=clips[c].request.name, output=outputs[c], frames=frames,
                               seconds=frames / FPS, keyframes=len(plans[c].keyframe_positions),
                               segments=plans[c].num_segments)
             if on_done is not None:
                 on_done(c, results[c])
 
-        self.interpolate_and_decode(clips, keyframes, open_writer, close_writer, progress)
+        try:
+            self.interpolate_and_decode(clips, keyframes, open_writer, close_writer, progress)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         return results
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Sequence
 
 from flax import nnx
@@ -18,6 +17,7 @@ from keyface_jax.generation.pipeline import GenerationOptions, Generator, Networ
 from keyface_jax.media.face_crop import make_detector
 from keyface_jax.models.autoencoder import AutoencoderKL
 from keyface_jax.models.keyface import build_network
+from keyface_jax.paths import as_path
 from keyface_jax.training.run_checkpoints import run_steps
 from keyface_jax.training.weight_sources import WeightSource, autoencoder_state, network_state
 
@@ -116,11 +116,11 @@ def run(setup: Setup, requests: Sequence[ClipRequest], summary_path: str, *,
     summary = Summary(summary_path)
     todo = []
     for request in requests:
-        if os.path.isfile(request.output):
+        if as_path(request.output).is_file():
             summary.record(request.name, status="done", output=request.output, note="existing output kept")
             continue
-        if os.path.exists(partial_path(request.output)):
-            os.remove(partial_path(request.output))   # an interrupted earlier run
+        if as_path(partial_path(request.output)).exists():
+            as_path(partial_path(request.output)).unlink()   # an interrupted earlier run
         todo.append(request)
     for start in range(0, len(todo), clips_per_group):
         group, clips = todo[start:start + clips_per_group], []

@@ -65,10 +65,11 @@ def _from_list(list_file: str) -> list[VideoItem]:
 
 
 def list_videos(spec: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[VideoItem]:
-    """All videos named by a folder or a list file, sorted by name. Names that would collide
+    """All videos named by a folder or a list file, sorted by name, with absolute paths (a record
+    of them means the same file whatever the working directory). Names that would collide
     (clip.mp4 and clip.mov) keep their extension; a path listed twice is an error."""
     if os.path.isdir(spec):
-        items = _from_folder(spec, extensions)
+        items = _from_folder(os.path.abspath(spec), extensions)   # absolute paths, any cwd
     elif os.path.isfile(spec):
         items = _from_list(spec)
     else:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +34,9 @@ from keyface_jax.data.video_frames import VideoFrameBatches, evaluation_frames, 
 from keyface_jax.losses.reconstruction import AutoencoderLossConfig, autoencoder_loss, psnr, to_unit_range
 from keyface_jax.models.autoencoder import AutoencoderKL
 from keyface_jax.training.latent_scale import factor_for, rescale_latents
-from keyface_jax.training.loop import RunSummary, compile_step, mesh_from_config, run_loop, summarize
+from keyface_jax.paths import as_path
+from keyface_jax.training.loop import (LoopResult, RunSummary, already_done, compile_step,
+                                       mesh_from_config, run_loop, summarize)
 from keyface_jax.training.metrics import MetricWriter
 from keyface_jax.training.optimizer import make_optimizer
 from keyface_jax.training.resume import start_or_resume
@@ -120,7 +121,12 @@ def _host_params(state) -> nnx.State:
     return nnx.merge_state(*tree)
 
 
-def write_export(graphdef, state, path: str, latent_factor: float = 1.0) -> nnx.State:
+def export_complete(path) -> bool:
+    """Whether an export was written to the end (Orbax's metadata file comes last)."""
+    return (as_path(path) / "_CHECKPOINT_METADATA").exists()
+
+
+def write_export(graphdef, state, path, latent_factor: float = 1.0) -> nnx.State:
     """Writes {"autoencoder": parameter tree} (Orbax) to `path`, atomically replacing an older one,
     with the latents rescaled by `latent_factor` (training.latent_scale); returns the exported
     parameters."""
@@ -152,7 +158,7 @@ def evaluate(graphdef, params: nnx.State, frames: np.ndarray, mesh) -> dict[str,
     return {"eval_psnr": float(value), "eval_latent_std": float(latent_std)}
 
 
-def train_autoencoder(config, workdir: str, *, stop_after: int | None = None) -> RunSummary:
+def train_autoencoder(config, workdir, *, stop_after: int | None = None) -> RunSummary:
     """Runs (or resumes) autoencoder training to config.train.steps, then exports and evaluates."""
     vae_cfg = autoencoder_config(config.autoencoder)
     mesh = mesh_from_config(config)
@@ -161,11 +167,15 @@ def train_autoencoder(config, workdir: str, *, stop_after: int | None = None) ->
 
     abstract = nnx.eval_shape(lambda: AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0)))
     graphdef, abs_trainable, abs_frozen = split_network(abstract, TRAIN_EVERYTHING)
-    videos = _videos(config)
+    workdir = as_path(workdir)
+    export = workdir / EXPORT_DIR
     initial = functools.partial(_initial_params, config, vae_cfg, abstract)
     run = start_or_resume(config, workdir, abs_trainable, abs_frozen, tx, mesh, initial,
-                          what="autoencoder")
-    data = _data(config, videos, mesh, run.start)
+                          what="autoencoder", skip_finished=export_complete(export))
+    if run.finished:
+        run.checkpoints.close()
+        return already_done(run.start)
+    videos = _videos(config)
 
     lpips = _lpips(config)
     aux, lpips_graphdef = {}, None
@@ -175,20 +185,27 @@ def train_autoencoder(config, workdir: str, *, stop_after: int | None = None) ->
     step_fn = make_update_step(make_loss_fn(graphdef, loss_cfg, lpips_graphdef), tx, schedule,
                                accum_steps=config.optim.accum_steps, ema_decay=config.optim.ema_decay,
                                nan_policy=config.train.nan_policy)
-    step = compile_step(step_fn, run.state, run.shardings, aux, data, mesh)
-    result = run_loop(step, run.state, aux, data, run.checkpoints, config.train, workdir,
-                      start=run.start, desc="train autoencoder", stop_after=stop_after)
+    if run.start >= int(config.train.steps):   # trained, but the export is missing: write it
+        run.checkpoints.close()
+        flops, result = None, LoopResult(run.start, {}, False, [], run.state)
+    else:
+        data = _data(config, videos, mesh, run.start)
+        step = compile_step(step_fn, run.state, run.shardings, aux, data, mesh)
+        result = run_loop(step, run.state, aux, data, run.checkpoints, config.train, workdir,
+                          start=run.start, desc="train autoencoder", stop_after=stop_after)
+        flops = step.flops
 
     scores, factor = None, 1.0
     frames = (evaluation_frames(videos, config.train.eval_frames)
               if config.train.eval_frames > 0 else None)
     if frames is not None and config.train.normalize_latents:
         # SVD's latent scale for the diffusion models (training/latent_scale.py)
-        trained_std = evaluate(graphdef, nnx.merge_state(result.state.weights(), result.state.frozen), frames, mesh)["eval_latent_std"]
+        trained = nnx.merge_state(result.state.weights(), result.state.frozen)
+        trained_std = evaluate(graphdef, trained, frames, mesh)["eval_latent_std"]
         factor = factor_for(trained_std)
         log.info("latent std %.3f → rescaled by %.3f to %.3f (SVD's 1/0.18215)", trained_std, factor,
                  trained_std * factor)
-    exported = write_export(graphdef, result.state, os.path.join(workdir, EXPORT_DIR), factor)
+    exported = write_export(graphdef, result.state, export, factor)
     if frames is not None:
         exported = jax.device_put(exported, NamedSharding(mesh, PartitionSpec()))
         scores = evaluate(graphdef, exported, frames, mesh)  # the export itself
@@ -197,4 +214,4 @@ def train_autoencoder(config, workdir: str, *, stop_after: int | None = None) ->
         writer.write(result.final_step, scores)
         writer.close()
         log.info("step %d: %s", result.final_step, scores)
-    return summarize(run.start, result, step.flops, config.train.peak_flops_per_device, eval_metrics=scores)
+    return summarize(run.start, result, flops, config.train.peak_flops_per_device, eval_metrics=scores)

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from keyface_jax.data.batch_layout import batch_sharding, process_rows
+from keyface_jax.paths import PathLike, as_path
 from keyface_jax.sharding import make_mesh
 from keyface_jax.training import distributed
 from keyface_jax.training.run_checkpoints import PreemptionFlag
@@ -36,6 +37,13 @@ class RunSummary:
     mean_step_seconds: float | None
     mfu: float | None
     eval_metrics: dict[str, float] | None = None  # end-of-run evaluation, where a trainer has one
+    already_done: bool = False   # the workdir had reached config.train.steps: nothing was run
+
+
+def already_done(step: int) -> RunSummary:
+    """The summary of a run found finished (no step, restore or compilation was run)."""
+    return RunSummary(start_step=step, final_step=step, losses={}, preempted=False,
+                      flops_per_step=None, mean_step_seconds=None, mfu=None, already_done=True)
 
 
 @dataclasses.dataclass
@@ -87,7 +95,7 @@ class NonFiniteWatch:
         return bad
 
 
-def run_loop(step: CompiledStep, state, aux, data, checkpoints, train_cfg, workdir: str, *,
+def run_loop(step: CompiledStep, state, aux, data, checkpoints, train_cfg, workdir: PathLike, *,
              start: int, desc: str, stop_after: int | None = None,
              after_step=None) -> LoopResult:
     """Runs steps start+1 … train_cfg.steps (or `stop_after` of them) on the global batches of
@@ -111,7 +119,7 @@ def run_loop(step: CompiledStep, state, aux, data, checkpoints, train_cfg, workd
     try:
         while current < total:
             if profile and current == profile[0]:
-                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                jax.profiler.start_trace(os.fspath(as_path(workdir) / "profile"))
             state, metrics = step.call(state, batch, aux)
             current += 1
             window_steps += 1

@@ -1,28 +1,45 @@
 """Run checkpoints (Orbax) of a training run: the train state, asynchronous saves, a keep-policy,
-saving on SIGTERM / preemption, and restore with fall-back past a broken latest.
+saving on SIGTERM / preemption, and restores that fail loud and lose nothing.
 
-Layout: `workdir/checkpoints/<step>/state`, the train-state pytree (restored onto whatever mesh
+Layout: `WORKDIR/checkpoints/<step>/state`, the train-state pytree (restored onto whatever mesh
 the abstract target carries, so a 4-device checkpoint restores onto 2). The data position is the
-step itself (batch j of a run is a function of j), so no iterator state is stored.
+step itself (batch j of a run is a function of j), so no iterator state is stored. WORKDIR may be
+a local path (relative or absolute) or a gs:// URL.
+
+Restoring, newest first:
+- a checkpoint whose tree, shapes or dtypes differ from the current config's train state (EMA
+  toggled, another trainable preset, parameter dtype, model size) is an error, `RunMismatch`,
+  naming the first differing leaves and the ways forward; nothing in the workdir is touched (no
+  new checkpoint is written, so the keep policy deletes none of the old run's);
+- a checkpoint that fits but cannot be read (truncated or unreadable files) is skipped with a
+  warning and the previous one is tried;
+- a workdir that holds checkpoints of which none can be read is an error: never a silent
+  restart from step 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import signal
 import threading
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from keyface_jax.conversion.io import CheckpointError
+from keyface_jax.paths import PathLike, as_path
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"   # WORKDIR/checkpoints/<step>/state
+STATE = "state"
+# What reading an unreadable or truncated checkpoint raises (JSON metadata: ValueError; array
+# data through tensorstore: ValueError with DATA_LOSS / OUT_OF_RANGE; a vanished file: OSError).
+UNREADABLE = (ValueError, OSError)
 
 
 class PreemptionFlag:
@@ -37,15 +54,57 @@ class PreemptionFlag:
         return self._event.is_set()
 
 
+class RunMismatch(CheckpointError):
+    """A checkpoint written under another configuration than the current one."""
+
+
+def _key(entry) -> str:
+    return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
+
+
+def leaf_specs(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """'params/audio_proj/kernel/value' → (shape, dtype name) for every array leaf of a train
+    state, of its abstract form or of a checkpoint's metadata (the same paths for all three)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            out["/".join(_key(k) for k in path)] = (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+    return out
+
+
+def differences(saved: Mapping, current: Mapping, limit: int = 5) -> list[str]:
+    """The first differing leaves of two `leaf_specs`, one line each ([] when they fit)."""
+    lines = []
+    only_saved = sorted(set(saved) - set(current))
+    only_current = sorted(set(current) - set(saved))
+    changed = [k for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
+    fmt = lambda spec: f"{spec[1]}{tuple(spec[0])}"
+    if only_current:
+        lines.append(f"only in this config: {', '.join(only_current[:limit])}"
+                     + (f" (+{len(only_current) - limit} more)" if len(only_current) > limit else ""))
+    if only_saved:
+        lines.append(f"only in the checkpoint: {', '.join(only_saved[:limit])}"
+                     + (f" (+{len(only_saved) - limit} more)" if len(only_saved) > limit else ""))
+    for key in changed[:limit]:
+        lines.append(f"{key}: checkpoint {fmt(saved[key])}, this config {fmt(current[key])}")
+    if len(changed) > limit:
+        lines.append(f"(+{len(changed) - limit} more leaves of other shape or dtype)")
+    return lines
+
+
 class RunCheckpointer:
-    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
-        handlers = {"state": ocp.StandardCheckpointHandler()}
+    def __init__(self, directory: PathLike, *, every: int, keep: int, async_save: bool = True):
+        self.directory = as_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=max(int(every), 1),
             enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers={STATE: ocp.StandardCheckpointHandler()})
         self.every = every
+
+    def steps(self) -> list[int]:
+        """Steps of the committed checkpoints, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
 
     def save(self, step: int, state, *, force: bool = False) -> bool:
         """Saves if `step` is on the interval (or `force`); returns whether a save started.
@@ -63,19 +122,37 @@ class RunCheckpointer:
         except Exception:  # noqa: BLE001 - no coordination service (single process)
             return False
 
-    def restore_latest(self, abstract_state):
-        """(step, state) of the newest checkpoint that restores, or (None, None) when there is none.
-        A checkpoint whose train state fails to restore (truncated or corrupted files) is skipped
-        with a warning and the previous one is tried."""
-        for step in sorted(self.manager.all_steps(), reverse=True):
+    def check_fits(self, step: int, abstract_state, run_dir: str) -> None:
+        """Raises RunMismatch unless checkpoint `step` has the tree, shapes and dtypes of
+        `abstract_state`; UNREADABLE errors when its metadata cannot be read."""
+        saved = leaf_specs(self.manager.item_metadata(step)[STATE])
+        problems = differences(saved, leaf_specs(abstract_state))
+        if problems:
+            raise RunMismatch(mismatch_message(self.directory / str(step), problems, run_dir))
+
+    def restore_latest(self, abstract_state, run_dir: str):
+        """(step, state) of the newest checkpoint, (None, None) when there is none. See the
+        module docstring for what a checkpoint that does not fit or cannot be read does."""
+        steps, unreadable = self.steps(), []
+        for step in steps:
             try:
-                restored = self.manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-            except Exception as e:  # noqa: BLE001 - any failure means: try an older one
-                log.warning("checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
-                            self.directory, step, type(e).__name__, str(e)[:300])
+                self.check_fits(step, abstract_state, run_dir)
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))
+            except RunMismatch:
+                raise
+            except UNREADABLE as e:
+                reason = f"{type(e).__name__}: {str(e)[:300]}"
+                unreadable.append(f"step {step}: {reason}")
+                log.warning("checkpoint %s/%d cannot be restored (its files are truncated or "
+                            "unreadable: %s); trying the previous one", self.directory, step, reason)
                 continue
-            return step, restored["state"]
+            return step, restored[STATE]
+        if steps:
+            raise CheckpointError(
+                f"{self.directory} holds checkpoints {sorted(steps)} but none of them can be read "
+                "(" + "; ".join(unreadable) + "). A workdir with checkpoints is never restarted "
+                "from step 0: move the checkpoints away, or use a new --workdir.")
         return None, None
 
     def wait(self) -> None:
@@ -86,12 +163,21 @@ class RunCheckpointer:
         self.manager.close()
 
 
-def run_steps(run_dir: str) -> list[int]:
+def mismatch_message(checkpoint: epath.Path, problems: list[str], run_dir: str) -> str:
+    return (f"{checkpoint} was written under another configuration: its train state does not "
+            "fit this config's (toggled EMA, another trainable preset, parameter dtype or model "
+            "size?):\n  " + "\n  ".join(problems) + "\nNothing was changed. Ways forward: train "
+            "with the old run's config; or use a new --workdir; or start a new run from this "
+            f"run's parameters: --workdir=NEW --config.init.source=run "
+            f"--config.init.path={run_dir}")
+
+
+def run_steps(run_dir: PathLike) -> list[int]:
     """The steps of a run's checkpoints, oldest first ([] when it has none)."""
-    folder = os.path.join(run_dir, CHECKPOINTS)
-    if not os.path.isdir(folder):
+    folder = as_path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
         return []
-    return sorted(int(d) for d in os.listdir(folder) if d.isdigit())
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
 def _merge_trees(*trees: Mapping) -> dict:
@@ -115,33 +201,40 @@ def _unwrap_values(tree):
     return tree
 
 
-def read_run_params(run_dir: str, step: int | None = None, use_ema: bool = True) -> tuple[dict, int]:
+def _restore_as_saved(folder: epath.Path) -> dict:
+    """A `state` item restored onto this process's first device, whatever mesh wrote it."""
+    checkpointer = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    meta = checkpointer.metadata(folder)
+    meta = getattr(meta, "item_metadata", meta)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+    return checkpointer.restore(folder, target)
+
+
+def read_run_params(run_dir: PathLike, step: int | None = None,
+                    use_ema: bool = True) -> tuple[dict, int]:
     """(nested parameter dict on the host, step) of a run's checkpoint: the trainable parameters
-    (EMA when kept and `use_ema`) merged with the frozen ones, restored as saved (no target
-    model needed). The newest checkpoint that restores unless `step` is given."""
-    folder = os.path.join(os.path.abspath(run_dir), CHECKPOINTS)
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"{run_dir}: not a training run (no {CHECKPOINTS}/ folder)")
-    manager = ocp.CheckpointManager(folder, item_handlers={"state": ocp.StandardCheckpointHandler()})
-    steps = sorted(manager.all_steps(), reverse=True)
+    (EMA when kept and `use_ema`) merged with the frozen ones, restored as saved (no model
+    needed). The newest checkpoint unless `step` is given; an unreadable one is skipped for the
+    previous one with a warning, and the reasons are in the error when none can be read."""
+    folder = as_path(run_dir) / CHECKPOINTS
+    steps = sorted(run_steps(run_dir), reverse=True)
+    if not steps:
+        raise CheckpointError(f"{run_dir}: not a training run (no checkpoints in {folder})")
     if step is not None:
         if step not in steps:
             raise CheckpointError(f"{run_dir}: no checkpoint at step {step} (have {sorted(steps)})")
         steps = [step]
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    reasons = []
     for candidate in steps:
         try:
-            meta = manager.item_metadata(candidate)["state"]
-            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                  meta)
-            state = manager.restore(candidate, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target)))["state"]
-        except Exception as e:  # noqa: BLE001 - a broken checkpoint: fall back to the previous
-            log.warning("%s step %d does not restore (%s); trying the previous one", folder,
-                        candidate, str(e)[:200])
+            state = _restore_as_saved(folder / str(candidate) / STATE)
+        except UNREADABLE as e:
+            reasons.append(f"step {candidate}: {type(e).__name__}: {str(e)[:300]}")
+            log.warning("%s step %d cannot be read (%s); trying the previous one", run_dir,
+                        candidate, reasons[-1])
             continue
         trainable = state["ema"] if use_ema and state.get("ema") else state["params"]
-        params = jax.tree.map(np.asarray, _unwrap_values(_merge_trees(trainable,
-                                                                      state.get("frozen") or {})))
-        return params, int(candidate)
-    raise CheckpointError(f"{run_dir}: no checkpoint restores (tried steps {steps})")
+        merged = _merge_trees(trainable, state.get("frozen") or {})
+        return jax.tree.map(np.asarray, _unwrap_values(merged)), int(candidate)
+    raise CheckpointError(f"{run_dir}: no checkpoint can be read: " + "; ".join(reasons))

@@ -28,6 +28,7 @@ from keyface_jax.conversion.io import CheckpointError
 from keyface_jax.conversion.nnx_torch import load_torch_state_dict
 from keyface_jax.models.autoencoder import AutoencoderKL
 from keyface_jax.models.keyface import build_network
+from keyface_jax.paths import as_path
 from keyface_jax.training import run_checkpoints
 
 KINDS = ("random", "svd", "reference", "orbax", "run")
@@ -53,15 +54,15 @@ class WeightSource:
         if spec == "random":
             return cls("random")
         kind, sep, rest = spec.partition(":")
-        if sep and kind in KINDS and "//" not in rest[:2]:
+        if sep and kind in KINDS:
             path, step = _split_step(rest)
             return cls(kind, path, step)
         path, step = _split_step(spec)
         if step is not None or is_run(path):
             return cls("run", path, step)
-        if not os.path.exists(path):
+        if not as_path(path).exists():
             raise CheckpointError(f"{path}: no such file or folder (weights)")
-        return cls("orbax" if os.path.isdir(path) else "reference", path)
+        return cls("orbax" if as_path(path).is_dir() else "reference", path)
 
     @classmethod
     def from_init_config(cls, init_cfg) -> "WeightSource":
@@ -82,7 +83,7 @@ def _split_step(spec: str) -> tuple[str, int | None]:
 
 def is_run(path: str) -> bool:
     """Whether `path` is a training run folder (it has a checkpoints/ folder)."""
-    return os.path.isdir(os.path.join(path, run_checkpoints.CHECKPOINTS))
+    return (as_path(path) / run_checkpoints.CHECKPOINTS).is_dir()
 
 
 def network_state(source: WeightSource, net_cfg, abstract, *, seed: int = 0, dtype=None,
@@ -109,7 +110,7 @@ def autoencoder_state(source: WeightSource, abstract: AutoencoderKL) -> nnx.Stat
     if source.kind == "random":
         return None
     if source.kind == "run" and source.step is None:
-        source = WeightSource("orbax", os.path.join(source.path, AUTOENCODER_EXPORT))
+        source = WeightSource("orbax", os.fspath(as_path(source.path) / AUTOENCODER_EXPORT))
     if source.kind == "run":
         params, _ = run_checkpoints.read_run_params(source.path, source.step)
         return keyface_ckpt.fill_from_pure_dict(abstract, params.get("autoencoder", params),
@@ -130,10 +131,11 @@ def frozen_decoder(init_cfg, ae_cfg, dtype=None):
                          "to its weights, or objective.pixel_weight=0")
     vae_cfg = autoencoder_config(ae_cfg, use_encoder=False, dtype=dtype)
     decoder = nnx.eval_shape(lambda: AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0))).decoder
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+    folder = as_path(path)
+    if folder.is_dir() and not (folder / "config.json").exists():
         source = WeightSource.parse(path)
         if source.kind == "run" and source.step is None:
-            source = WeightSource("orbax", os.path.join(path, AUTOENCODER_EXPORT))
+            source = WeightSource("orbax", os.fspath(folder / AUTOENCODER_EXPORT))
         tree = (run_checkpoints.read_run_params(source.path, source.step)[0]
                 if source.kind == "run" else io.restore_orbax(source.path).get("autoencoder", {}))
         if "decoder" not in tree:
