@@ -7,6 +7,12 @@
   and GOOGLE_AUTH_TOKEN_FOR_TESTING spares it the search for credentials;
 - GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false keeps gcsfs from asking the (absent) storage-control
   API what kind of bucket this is.
+
+One gap of the emulator is filled here: real GCS answers a media download with the object's
+generation in an `x-goog-generation` header, which tensorstore reads (it fails with "Malformed
+StorageGeneration" without it); the emulator sends it only in the JSON metadata. The server is
+therefore started through this module (`python tests/gcs_emulator.py PORT BUCKET`), which adds the
+header from the object's metadata before serving.
 """
 
 from __future__ import annotations
@@ -34,9 +40,7 @@ def running_emulator(bucket: str = BUCKET):
     yields that environment; stops it and restores the environment afterwards."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host",
-                             "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket",
-                             bucket, "--quiet"],
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port), bucket],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = dict(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
                GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator", GOOGLE_CLOUD_PROJECT="test",
@@ -64,3 +68,30 @@ def running_emulator(bucket: str = BUCKET):
                 os.environ[key] = value
         proc.kill()
         proc.wait()
+
+
+def _serve(port: int, bucket: str) -> None:
+    import logging
+
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+    download = objects.download
+
+    def download_with_generation(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except NotFound:          # the original handler answers 404 itself
+            obj = None
+        if obj is not None:
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+        return download(request, response, storage, *args, **kwargs)
+
+    objects.download = download_with_generation   # before the server module binds its routes
+    from gcp_storage_emulator.server import create_server
+    logging.disable(logging.CRITICAL)
+    create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket).run()
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), sys.argv[2])

@@ -123,7 +123,7 @@ def test_generate_reads_from_gcs_and_writes_there(gcs, reference_run, tmp_path):
     _run(gcs, "keyface_jax.generate", "--face", str(inputs / "face.png"),
          "--audio", str(inputs / "speech.wav"), "--output", f"{out}/clip.mp4",
          "--keyframe", reference_run, "--interpolation", "random", "--autoencoder", "random",
-         "--interpolation_bad", "none", "--num_steps", "2")
+         "--interpolation_bad", "none")
     summary = json.loads(epath.Path(out, "summary.json").read_text())
     assert summary["counts"] == {"done": 1}, summary
     with local_copy(f"{out}/clip.mp4") as local:
