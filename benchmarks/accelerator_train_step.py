@@ -49,10 +49,11 @@ def main(argv=None) -> None:
     from keyface_jax.models.build import abstract_network, count_params
     from keyface_jax.models.keyface import build_network
     from keyface_jax.train import objective_config
-    from keyface_jax.training.batches import SyntheticBatches
+    from keyface_jax.data.synthetic_batches import SyntheticBatches
     from keyface_jax.training.metrics import compiled_flops, peak_flops_per_device
     from keyface_jax.training.optimizer import make_optimizer
-    from keyface_jax.training.state import init_train_state, split_network
+    from keyface_jax.training.state import init_train_state
+    from keyface_jax.training.trainable import split_network
     from keyface_jax.training.step import make_train_step
 
     config = _keyframe_config(args.variant, args.batch, args.frames)
@@ -67,7 +68,8 @@ def main(argv=None) -> None:
         return init_train_state(trainable, frozen, tx, 0, ema=False)
 
     state = jax.block_until_ready(jax.jit(create)())
-    batch = {k: jnp.asarray(v) for k, v in next(SyntheticBatches(net_cfg, args.batch, args.frames, 0)).items()}
+    host_batch = SyntheticBatches(net_cfg, args.batch, args.frames, 0).global_batch_at(0)
+    batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
     step = jax.jit(make_train_step(graphdef, objective_config(config), tx, schedule), donate_argnums=(0,))
     lowered = step.lower(state, batch, {})
     flops = compiled_flops(lowered)
@@ -94,7 +96,7 @@ def main(argv=None) -> None:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         device=device.device_kind, platform=device.platform, jax=jax.__version__,
         variant=args.variant, batch=args.batch, frames=args.frames, dtype=args.dtype, remat=args.remat,
-        params=count_params(state["params"]), compile_s=compile_s, step_s_median=seconds,
+        params=count_params(state.params), compile_s=compile_s, step_s_median=seconds,
         step_s_all=times, examples_per_s=args.batch / seconds, flops_per_step=flops,
         achieved_flops_per_s=flops / seconds if flops else None, peak_flops_per_s=peak,
         mfu=flops / seconds / peak if flops and peak else None,

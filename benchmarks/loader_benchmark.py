@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import keyframe  # noqa: E402
-from keyface_jax.data import synthetic, tfds_io  # noqa: E402
+from data_pipelines import synthetic_dataset as synthetic  # noqa: E402
+from data_pipelines.dataset_writer import write_frame_dataset  # noqa: E402
 from keyface_jax.data.pipeline import DataConfig, host_dataset, make_loader  # noqa: E402
 
 
@@ -42,9 +43,9 @@ def write_dataset(folder: str, videos: int, frames: int, latent: int, audio_dim:
             arrays["frame"] = rng.integers(0, 256, arrays["frame"].shape, dtype=np.uint8)
             yield entry, arrays
 
-    return tfds_io.write_frame_dataset(folder, gen(), latent_shape=(latent, latent, 4),
-                                       audio_dim=audio_dim, frame_shape=(image, image, 3),
-                                       shard_records=1024, overwrite=True)
+    return write_frame_dataset(folder, gen(), latent_shape=(latent, latent, 4),
+                               audio_dim=audio_dim, frame_shape=(image, image, 3),
+                               shard_records=1024, overwrite=True)
 
 
 def loader_rate(config: DataConfig, batches: int, warmup: int = 2) -> float:

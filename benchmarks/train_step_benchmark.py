@@ -137,10 +137,11 @@ def jax_worker(args) -> None:
     from keyface_jax.models.build import abstract_network, count_params
     from keyface_jax.models.keyface import build_network
     from keyface_jax.train import objective_config
-    from keyface_jax.training.batches import SyntheticBatches
+    from keyface_jax.data.synthetic_batches import SyntheticBatches
     from keyface_jax.training.metrics import compiled_flops
     from keyface_jax.training.optimizer import make_optimizer
-    from keyface_jax.training.state import init_train_state, split_network
+    from keyface_jax.training.state import init_train_state
+    from keyface_jax.training.trainable import split_network
     from keyface_jax.training.step import make_train_step
 
     config = _keyframe_config(args.variant, args.batch, args.frames)
@@ -157,9 +158,9 @@ def jax_worker(args) -> None:
     t0 = time.perf_counter()
     state = jax.block_until_ready(jax.jit(create)())
     init_s = time.perf_counter() - t0
-    n_params = count_params(state["params"])
+    n_params = count_params(state.params)
 
-    host_batch = next(SyntheticBatches(net_cfg, args.batch, args.frames, config.seed))
+    host_batch = SyntheticBatches(net_cfg, args.batch, args.frames, config.seed).global_batch_at(0)
     np.savez(args.batch_file, **host_batch)
     batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
 
@@ -264,7 +265,7 @@ def make_torch_step(variant: str, batch: int, frames: int, batch_file: str, adam
     import torch
     from diffusers import UNetSpatioTemporalConditionModel
 
-    from keyface_jax.checkpoints.diffusers_unet import diffusers_config_from_unet
+    from keyface_jax.conversion.diffusers_unet import diffusers_config_from_unet
     from keyface_jax.config_lib import network_config
     from keyface_jax.models.autoencoder import SCALE_FACTOR
     from keyface_jax.models.keyface import EMOTION_EMBED_DIM

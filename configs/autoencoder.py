@@ -65,6 +65,7 @@ def get_config(arg: str = "tiny"):
         flip=True,                    # random horizontal flips
         frame_stride=1,               # keep every n-th frame (long corpora)
         max_frames_per_video=0,       # 0 = all
+        prefetch=2, device_prefetch=2,  # batches buffered on the host / on the devices
     ))
     config.init = ml_collections.ConfigDict(dict(
         autoencoder="",               # start from an Orbax export (e.g. to adapt to a new domain)

@@ -140,7 +140,10 @@ def add_training_sections(config, kind: str, variant: str) -> None:
     config.data = ml_collections.ConfigDict(dict(
         path="",                      # a prepared dataset folder (data_pipelines.prepare)
         group_weights={},             # group name → sampling weight
-        workers=0, prefetch=2,
+        # keyface_jax.data.pipeline.DataConfig fields, same names: Grain worker processes
+        # (0 = read in this process) and their buffers, reader threads, batches buffered on the
+        # host and, already copied, on the devices (both 0 = every batch synchronous).
+        worker_count=0, worker_buffer=2, read_threads=2, prefetch=2, device_prefetch=2,
     ))
     config.init = ml_collections.ConfigDict(dict(
         source="",                    # "" (random) | svd | reference | orbax

@@ -80,7 +80,7 @@ def _read(file: str) -> tuple[np.ndarray, float | None]:
     if ext == ".json":
         with open(file, encoding="utf-8") as f:
             return _values(json.load(f))
-    from keyface_jax.checkpoints.torch_pickle import CheckpointError, open_torch_checkpoint
+    from keyface_jax.conversion.torch_pickle import CheckpointError, open_torch_checkpoint
     try:
         with open_torch_checkpoint(file) as data:
             return _values(data)

@@ -61,7 +61,7 @@ def random_encoder(cfg: VAEConfig, seed: int = 0) -> AutoencoderKL:
 def _read_weights(path: str) -> tuple[dict | None, dict]:
     """(diffusers config or None, state dict) from a diffusers VAE folder, an SVD pipeline folder
     (its vae/), or a single weights file (sgm or diffusers names, `first_stage_model.` ok)."""
-    from keyface_jax.checkpoints.io import read_diffusers_folder, read_state_dict
+    from keyface_jax.conversion.io import read_diffusers_folder, read_state_dict
     if os.path.isdir(path):
         sub = "vae" if os.path.isdir(os.path.join(path, "vae")) else None
         return read_diffusers_folder(path, sub)
@@ -83,8 +83,8 @@ def _is_orbax_export(path: str) -> bool:
 def _load_orbax_encoder(path: str, cfg: VAEConfig) -> AutoencoderKL:
     """The encoder (+ quant_conv) of an Orbax export's "autoencoder" item, strictly checked
     against `cfg`'s architecture (the decoder weights are dropped)."""
-    from keyface_jax.checkpoints.io import CheckpointError, restore_orbax
-    from keyface_jax.checkpoints.keyface_ckpt import fill_from_pure_dict
+    from keyface_jax.conversion.io import CheckpointError, restore_orbax
+    from keyface_jax.conversion.keyface_ckpt import fill_from_pure_dict
     tree = restore_orbax(path).get("autoencoder")
     if not tree or "encoder" not in tree:
         raise CheckpointError(f"{path}: an Orbax export without autoencoder encoder weights")
@@ -99,9 +99,9 @@ def load_encoder(path: str, cfg: VAEConfig) -> AutoencoderKL:
     """Encoder weights from `path`: an Orbax export with an "autoencoder" item, or see
     `_read_weights`; `cfg` gives the architecture when the source has no diffusers config.json,
     and its dtype is kept."""
-    from keyface_jax.checkpoints.diffusers_vae import (diffusers_vae_state_dict_to_sgm,
-                                                        vae_config_from_diffusers)
-    from keyface_jax.checkpoints.nnx_torch import load_torch_state_dict
+    from keyface_jax.conversion.diffusers_vae import (diffusers_vae_state_dict_to_sgm,
+                                                      vae_config_from_diffusers)
+    from keyface_jax.conversion.nnx_torch import load_torch_state_dict
     if _is_orbax_export(path):
         return _load_orbax_encoder(path, cfg)
     dcfg, sd = _read_weights(path)

@@ -6,19 +6,20 @@
 
 Rerunning the same command resumes (finished videos are not redone). With several hosts each
 runs the command with its own --host_index on a shared OUT; host 0 merges. Details:
-data_pipelines/preparation.py and data_pipelines/README.md.
+data_pipelines/stages.py and data_pipelines/README.md.
 """
 
 import dataclasses
 import json
+import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from data_pipelines import preparation
-from data_pipelines.process import PrepareOptions
-from data_pipelines.sources import list_videos
+from data_pipelines import stages
+from data_pipelines.video_arrays import PrepareOptions
+from keyface_jax.media.video_list import list_videos
 
 config_flags.DEFINE_config_file("config", None, "model config (autoencoder, audio_dim)",
                                 lock_config=True)
@@ -27,7 +28,7 @@ flags.DEFINE_string("output", None, "dataset folder", required=True)
 flags.DEFINE_string("vae", None, "SVD VAE weights (diffusers folder or file), an Orbax export "
                     "with an autoencoder (e.g. the autoencoder trainer's WORKDIR/export), or 'random'",
                     required=True)
-flags.DEFINE_string("name", preparation.tfds_io.DATASET_NAME, "TFDS dataset name")
+flags.DEFINE_string("name", stages.tfds_io.DATASET_NAME, "TFDS dataset name")
 flags.DEFINE_string("audio_features", "", "audio extractor spec; default logmel:<audio_dim>")
 flags.DEFINE_string("emotions", "neutral", "folder of per-video files, module:attr, or neutral")
 flags.DEFINE_string("work_dir", "", "work cache (default OUT/_prepare)")
@@ -57,13 +58,19 @@ def main(argv):
 
     from data_pipelines.tools import audio_extractor, build_tools
     from keyface_jax.config_lib import autoencoder_config
+    from keyface_jax.data.schema import require_local
+    from keyface_jax.paths import canonical
     config = FLAGS.config
+    require_local(FLAGS.videos, "--videos")
+    require_local(FLAGS.output, "--output")
     values = {name: getattr(FLAGS, name) for name in _FIELDS}
     values["image_size"] = values["image_size"] or config.autoencoder.image_size
     audio_spec = FLAGS.audio_features or f"logmel:{config.model.audio_dim}"
-    opts = PrepareOptions(vae=FLAGS.vae, audio_features=audio_spec, emotions=FLAGS.emotions,
-                          **values)
-    run = preparation.RunConfig(
+    # Paths recorded in the dataset resolved, so a re-run matches whatever form they had.
+    vae = FLAGS.vae if FLAGS.vae == "random" else canonical(FLAGS.vae)
+    emotions = canonical(FLAGS.emotions) if os.path.exists(FLAGS.emotions) else FLAGS.emotions
+    opts = PrepareOptions(vae=vae, audio_features=audio_spec, emotions=emotions, **values)
+    run = stages.RunConfig(
         output=FLAGS.output, name=FLAGS.name, workers=FLAGS.workers, batch_size=FLAGS.batch_size,
         num_hosts=FLAGS.num_hosts or jax.process_count(),
         host_index=FLAGS.host_index if FLAGS.host_index is not None else jax.process_index(),
@@ -78,11 +85,11 @@ def main(argv):
     dataset = dict(latent_shape=[size // 8, size // 8, latent], audio_dim=audio.dim,
                    audio_features=getattr(audio, "name", audio_spec),
                    frame_shape=[size, size, 3] if opts.store_frames else None)
-    summary = preparation.prepare(
+    summary = stages.prepare(
         list_videos(FLAGS.videos), opts, run, dataset=dataset,
         tools_factory=lambda: build_tools(opts, vae_cfg, run.batch_size, audio),
         worker_args=(vae_cfg, run.batch_size))
-    print(preparation.format_summary(summary))
+    print(stages.format_summary(summary))
     print(json.dumps({k: summary[k] for k in ("status", "processed", "skipped", "frames")}))
     return 0 if summary["status"] in ("done", "host done", "waiting") else 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from data_pipelines.emotions import make_emotion_source
 from data_pipelines.latents import LatentEncoder, load_encoder, random_encoder
-from data_pipelines.process import PrepareOptions, Tools
+from data_pipelines.video_arrays import PrepareOptions, Tools
 from keyface_jax.media.face_crop import make_detector
 from keyface_jax.models.autoencoder import VAEConfig
 

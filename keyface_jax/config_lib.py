@@ -35,8 +35,11 @@ def network_config(model_cfg) -> KeyFaceConfig:
 
 
 def dtypes(model_cfg):
-    """(compute dtype, parameter dtype) named by the config."""
-    return jnp.dtype(model_cfg.get("dtype", "float32")), jnp.dtype(model_cfg.get("param_dtype", "float32"))
+    """(compute dtype, parameter dtype) of `config.model` as the model constructors take them: a
+    float32 compute dtype is None, "compute in the inputs' dtype" (the layers then cast nothing;
+    inputs and parameters are float32 already)."""
+    compute = jnp.dtype(model_cfg.get("dtype", "float32"))
+    return (None if compute == jnp.float32 else compute), jnp.dtype(model_cfg.get("param_dtype", "float32"))
 
 
 def autoencoder_config(ae_cfg, *, use_encoder: bool = True, dtype=None) -> VAEConfig:

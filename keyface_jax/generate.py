@@ -11,7 +11,17 @@
 
 Manifest rows (JSONL or CSV): face, audio, and optionally name, output, emotion, intensity, seed,
 max_seconds, features. Finished clips are skipped when a run is repeated; bad clips are reported in
-<output_dir>/summary.json and do not stop the others.
+<output_dir>/summary.json and do not stop the others. Any path (inputs, weights, outputs, the
+manifest) may be local (relative or absolute) or gs://.
+
+Weights (--keyframe, --interpolation, --autoencoder): a training run folder (DIR, or DIR@STEP), an
+Orbax export, a reference checkpoint, `random`, or KIND:PATH with KIND one of random, svd,
+reference, orbax, run.
+
+Exit status: 0 every clip was made (or already existed); 1 at least one clip failed (each named on
+stderr, with its reason, and in summary.json; the others were made); 2 nothing was generated: a bad
+command line, or models or weights that do not load (the reason is printed).
+`--verbose` (or KEYFACE_VERBOSE=1) shows the libraries' INFO logging too.
 """
 
 from __future__ import annotations
@@ -19,14 +29,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
 
-from keyface_jax import cpu_allocator
+from keyface_jax import console, cpu_allocator
+from keyface_jax.conversion.io import CheckpointError
 from keyface_jax.generation.manifest import read_manifest, requests_from_rows
 from keyface_jax.generation.pipeline import GenerationOptions
 from keyface_jax.generation.runner import ModelSources, Setup, run
+from keyface_jax.paths import as_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     _add_fields(p.add_argument_group("sampling"), GenerationOptions)
     p.add_argument("--clips_per_group", type=int, default=16)
     p.add_argument("--export", default="", help="write jax.export'ed samplers/decoder here and exit")
+    p.add_argument("--verbose", action="store_true", help="the libraries' INFO logging too")
     args = p.parse_args(argv)
     if not args.export and not args.manifest and not (args.face and args.audio):
         p.error("give --face and --audio, or --manifest (or --export)")
@@ -71,13 +83,17 @@ def _add_fields(group, cls) -> None:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    console.setup_logging(args.verbose)
     cpu_allocator.warn_if_missing()
     sources = ModelSources(**{f.name: getattr(args, f.name) for f in dataclass_fields(ModelSources)})
-    options = GenerationOptions(**{f.name: getattr(args, f.name)
-                                   for f in dataclass_fields(GenerationOptions)})
-    setup = Setup(sources, options)
+    try:
+        options = GenerationOptions(**{f.name: getattr(args, f.name)
+                                       for f in dataclass_fields(GenerationOptions)})
+        setup = Setup(sources, options)
+    except (CheckpointError, ValueError) as e:   # weights or configs that do not load
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     if args.export:
         from keyface_jax.generation.export import export_pipeline
         print(json.dumps(export_pipeline(setup.generator, args.export), indent=1))
@@ -85,13 +101,17 @@ def main(argv=None) -> int:
     defaults = dict(emotion=args.emotion, intensity=args.intensity, seed=args.seed,
                     max_seconds=args.max_seconds)
     if args.manifest:
-        rows = read_manifest(args.manifest)
+        try:
+            rows = read_manifest(args.manifest)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
     else:
         rows = [dict(face=args.face, audio=args.audio, **({"output": args.output} if args.output else {}))]
     requests = requests_from_rows(rows, args.output_dir, defaults)
-    summary_dir = args.output_dir if args.manifest or not args.output else os.path.dirname(
-        os.path.abspath(args.output))
-    summary = run(setup, requests, os.path.join(summary_dir, "summary.json"),
+    summary_dir = (as_path(args.output_dir) if args.manifest or not args.output
+                   else as_path(args.output).parent)
+    summary = run(setup, requests, os.fspath(summary_dir / "summary.json"),
                   clips_per_group=args.clips_per_group)
     counts = {}
     for clip in summary.clips.values():

@@ -3,24 +3,32 @@ one or more run folders, and one metrics JSON that gathers the evaluation and th
 
     python -m keyface_jax.report --video out.mp4 --runs runs/autoencoder runs/keyframe \\
         runs/interpolation --evaluation metrics_eval.json --output report/
+
+Every path may be local or gs://. Exit status: 0 written; 2 a bad command line, a video without
+frames or runs without metrics (the reason is printed).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+import sys
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from keyface_jax import console
+from keyface_jax.media.errors import MediaError
 from keyface_jax.media.video import FrameReader
+from keyface_jax.paths import as_path, local_copy, read_json, staged_output, write_json
+from keyface_jax.training.metrics import read_jsonl
 
 
-def contact_sheet(video: str, path: str, *, columns: int = 6, rows: int = 4, tile: int = 160) -> dict:
+def contact_sheet(video: str, path, *, columns: int = 6, rows: int = 4, tile: int = 160) -> dict:
     """A grid of frames evenly spread over the video, each labelled with its time."""
-    frames = list(FrameReader(video))
+    with local_copy(video) as local:
+        frames = list(FrameReader(local))
     if not frames:
         raise ValueError(f"{video}: no frames")
     count = min(columns * rows, len(frames))
@@ -32,19 +40,18 @@ def contact_sheet(video: str, path: str, *, columns: int = 6, rows: int = 4, til
         x, y = (k % columns) * tile, (k // columns) * tile
         sheet.paste(Image.fromarray(frames[index]).resize((tile, tile), Image.Resampling.BILINEAR), (x, y))
         draw.text((x + 4, y + 4), f"{index / 25:.1f}s", fill="yellow")
-    sheet.save(path)
-    return dict(path=os.path.abspath(path), frames=[int(i) for i in picks], video_frames=len(frames))
+    with staged_output(path) as local:
+        sheet.save(local, format="png")
+    return dict(path=os.fspath(as_path(path)), frames=[int(i) for i in picks],
+                video_frames=len(frames))
 
 
 def read_metrics(run: str) -> list[dict]:
-    path = os.path.join(run, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    path = as_path(run) / "metrics.jsonl"
+    return read_jsonl(path) if path.is_file() else []
 
 
-def loss_plot(runs: list[str], path: str) -> dict:
+def loss_plot(runs: list[str], path) -> dict:
     """One panel per run: loss against step (log scale), from each run's metrics.jsonl."""
     import matplotlib
     matplotlib.use("Agg")
@@ -68,35 +75,40 @@ def loss_plot(runs: list[str], path: str) -> dict:
         summary[name] = dict(steps=steps[-1] if steps else 0, first_loss=losses[0] if losses else None,
                              last_loss=losses[-1] if losses else None)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with staged_output(path) as local:
+        fig.savefig(local, dpi=110, format="png")
     plt.close(fig)
-    return dict(path=os.path.abspath(path), runs=summary)
+    return dict(path=os.fspath(as_path(path)), runs=summary)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--video", required=True)
     p.add_argument("--runs", nargs="*", default=[])
     p.add_argument("--evaluation", help="metrics JSON of keyface_jax.evaluate")
     p.add_argument("--extra", help="JSON object merged into the report (e.g. timings)")
     p.add_argument("--output", required=True, help="folder for contact_sheet.png, losses.png, metrics.json")
+    p.add_argument("--verbose", action="store_true", help="the libraries' INFO logging too")
     args = p.parse_args(argv)
-    os.makedirs(args.output, exist_ok=True)
-    report = dict(video=os.path.abspath(args.video),
-                  contact_sheet=contact_sheet(args.video, os.path.join(args.output, "contact_sheet.png")))
-    if args.runs:
-        report["training"] = loss_plot(args.runs, os.path.join(args.output, "losses.png"))
+    console.setup_logging(args.verbose)
+    output = as_path(args.output)
+    try:
+        report = dict(video=os.fspath(as_path(args.video)),
+                      contact_sheet=contact_sheet(args.video, output / "contact_sheet.png"))
+        if args.runs:
+            report["training"] = loss_plot(args.runs, output / "losses.png")
+    except (ValueError, MediaError) as e:
+        print(f"report: {e}", file=sys.stderr)
+        return 2
     if args.evaluation:
-        with open(args.evaluation) as f:
-            evaluation = json.load(f)
+        evaluation = read_json(args.evaluation)
         evaluation.pop("signals", None)
         report["evaluation"] = evaluation
     if args.extra:
-        with open(args.extra) as f:
-            report.update(json.load(f))
-    path = os.path.join(args.output, "metrics.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+        report.update(read_json(args.extra))
+    path = output / "metrics.json"
+    write_json(path, report, indent=1)
     print(f"report: {path}\n  contact sheet {report['contact_sheet']['path']}"
           + (f"\n  losses {report['training']['path']}" if args.runs else ""))
     return 0

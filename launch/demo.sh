@@ -9,7 +9,10 @@
 #   7. generate a ≥30-s video from it and the demo face (keyframes → interpolation → decode → mp4)
 #   8. evaluate it (lip sync vs a 1-s-shifted control, identity drift, silence/laugh motion) and
 #      write a contact sheet, the loss curves and metrics.json
-# Every stage resumes when re-run. Outputs go to $KEYFACE_DEMO_DIR (default outputs/demo).
+# Every stage resumes when re-run (finished ones are skipped), whatever form the output path had.
+# Outputs go to $KEYFACE_DEMO_DIR (default outputs/demo, relative to the repository root).
+# The console shows stage lines, progress bars, results and warnings; KEYFACE_VERBOSE=1 adds the
+# libraries' INFO logging.
 # DEMO_STEPS: diffusion training steps per model (default 300); DEMO_AE_STEPS (default 200);
 # DEMO_SECONDS: length of the held-out speech (default 32); DEMO_VIDEOS: demo videos (default 4);
 # DEMO_DESCRIBE=0 skips stage 1. tests/test_demo_job.py runs a shortened version (same code path).
@@ -27,7 +30,9 @@ START=$(date +%s)
 stage() { echo "== $1   [$(( $(date +%s) - START )) s]"; }
 
 stage "1/8 models"
-if [ "${DEMO_DESCRIBE:-1}" != "0" ]; then python -m keyface_jax.describe --json "$OUT/describe.json"; fi
+if [ "${DEMO_DESCRIBE:-1}" != "0" ] && [ ! -f "$OUT/describe.json" ]; then
+  python -m keyface_jax.describe --json "$OUT/describe.json"
+fi
 
 stage "2/8 demo videos"
 if [ ! -f "$OUT/videos/manifest.json" ]; then
@@ -58,15 +63,19 @@ fi
 
 stage "7/8 generation"
 FACE="$(ls "$OUT"/videos/videos/*.mp4 | head -1)"
-python -m keyface_jax.generate --face "$FACE" --audio "$OUT/heldout/speech.wav" \
-    --output "$OUT/generated/heldout.mp4" --emotion neutral --seed 0 \
-    --keyframe "$OUT/runs/keyframe" --interpolation "$OUT/runs/interpolation" \
-    --autoencoder "$OUT/runs/autoencoder/export"
+if [ ! -f "$OUT/generated/heldout.mp4" ]; then
+  python -m keyface_jax.generate --face "$FACE" --audio "$OUT/heldout/speech.wav" \
+      --output "$OUT/generated/heldout.mp4" --emotion neutral --seed 0 \
+      --keyframe "$OUT/runs/keyframe" --interpolation "$OUT/runs/interpolation" \
+      --autoencoder "$OUT/runs/autoencoder/export"
+fi
 
 stage "8/8 evaluation and report"
-python -m keyface_jax.evaluate --video "$OUT/generated/heldout.mp4" \
-    --identity "$OUT/generated/heldout.identity.png" --manifest "$OUT/heldout/timeline.json" --output "$OUT/report/evaluation.json" \
-    --plots "$OUT/report" --no_signals
+if [ ! -f "$OUT/report/evaluation.json" ] || [ "$OUT/generated/heldout.mp4" -nt "$OUT/report/evaluation.json" ]; then
+  python -m keyface_jax.evaluate --video "$OUT/generated/heldout.mp4" \
+      --identity "$OUT/generated/heldout.identity.png" --manifest "$OUT/heldout/timeline.json" --output "$OUT/report/evaluation.json" \
+      --plots "$OUT/report" --no_signals
+fi
 echo "{\"demo_seconds\": $(( $(date +%s) - START )), \"diffusion_steps\": $STEPS, \"autoencoder_steps\": $AE_STEPS}" \
     > "$OUT/report/timings.json"
 python -m keyface_jax.report --video "$OUT/generated/heldout.mp4" \

@@ -6,13 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from keyface_jax.checkpoints.diffusers_vae import (diffusers_vae_key_to_sgm,
-                                                    diffusers_vae_state_dict_to_sgm,
-                                                    sgm_vae_key_to_diffusers,
-                                                    sgm_vae_state_dict_to_diffusers,
-                                                    vae_config_from_diffusers)
-from keyface_jax.checkpoints.nnx_torch import (export_torch_state_dict, load_torch_state_dict,
-                                               nnx_path_to_torch_key, nnx_to_torch_value)
+from keyface_jax.conversion.diffusers_vae import (diffusers_vae_key_to_sgm,
+                                                  diffusers_vae_state_dict_to_sgm,
+                                                  vae_config_from_diffusers)
+from keyface_jax.conversion.nnx_torch import (export_torch_state_dict, load_torch_state_dict,
+                                              nnx_path_to_torch_key, nnx_to_torch_value)
 from keyface_jax.models.autoencoder import SCALE_FACTOR, AutoencoderKL, VAEConfig
 
 SMALL = dict(block_out_channels=[32, 64], layers_per_block=2, latent_channels=4)
@@ -58,7 +56,7 @@ def test_parity_with_diffusers(index):
 
 
 def test_bf16_compute_close_to_fp32(small_pair):
-    from keyface_jax.testing.parity import relative_error
+    from keyface_jax.testing.torch_reference import relative_error
     from keyface_jax.testing.vae_parity import nnx_vae_from_diffusers, random_inputs, run_nnx
     ref, ours = small_pair
     ours_bf16 = nnx_vae_from_diffusers(ref, SMALL, dtype=jnp.bfloat16)
@@ -73,7 +71,7 @@ def test_key_round_trip_and_shapes_match_nnx_tree(small_pair):
     ref, ours = small_pair
     keys = list(ref.state_dict())
     sgm_keys = [diffusers_vae_key_to_sgm(k, SMALL) for k in keys]
-    assert [sgm_vae_key_to_diffusers(k, SMALL) for k in sgm_keys] == keys
+    assert len(set(sgm_keys)) == len(keys)   # one-to-one: no two keys land on one parameter
     assert set(sgm_keys) == set(export_torch_state_dict(ours))
     assert diffusers_vae_key_to_sgm("decoder.up_blocks.0.resnets.1.temporal_res_block.norm1.weight",
                                     SMALL) == "decoder.up.1.block.1.time_stack.in_layers.0.weight"
@@ -83,15 +81,14 @@ def test_key_round_trip_and_shapes_match_nnx_tree(small_pair):
 
 def test_full_svd_config_keys_and_shapes():
     """Every key of the real-size diffusers SVD VAE (built on the meta device) lands on an NNX
-    parameter of the right shape, and the conversion round-trips."""
+    parameter of the right shape, one to one."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     with torch.device("meta"):
         ref = diffusers.AutoencoderKLTemporalDecoder(**SVD)
     sd = {k: np.broadcast_to(np.zeros((), np.float32), v.shape) for k, v in ref.state_dict().items()}
     sgm_sd = diffusers_vae_state_dict_to_sgm(sd, SVD)
-    back = sgm_vae_state_dict_to_diffusers(sgm_sd, SVD)
-    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in sd.items()}
+    assert len(sgm_sd) == len(sd)   # one-to-one
     model = nnx.eval_shape(lambda: AutoencoderKL(vae_config_from_diffusers(SVD), rngs=nnx.Rngs(0)))
     load_torch_state_dict(nnx.state(model, nnx.Param), sgm_sd)  # strict: raises on any mismatch
 
@@ -189,9 +186,9 @@ def test_latent_rescaling_keeps_reconstructions():
 
 
 def test_generation_decodes_frame_by_frame_or_in_groups():
-    """generation.pipeline.decode_segments: decode_frames=1 is each frame decoded on its own (as
+    """generation.decoding.decode_segments: decode_frames=1 is each frame decoded on its own (as
     KeyFace decodes), 14 the whole segment through the temporal layers; the two differ."""
-    from keyface_jax.generation.pipeline import decode_segments
+    from keyface_jax.generation.decoding import decode_segments
     from keyface_jax.models.autoencoder import from_diffusion_space
 
     model = _tiny_model(block_out_channels=(32,))

@@ -19,12 +19,12 @@ import pytest
 from flax import nnx
 
 from configs import keyframe
-from keyface_jax.checkpoints.keyface_ckpt import load_orbax_export
+from keyface_jax.conversion.keyface_ckpt import load_orbax_export
 from keyface_jax.config_lib import autoencoder_config
 from keyface_jax.data.video_frames import evaluation_frames, load_video_frames
 from keyface_jax.models.autoencoder import AutoencoderKL
 from keyface_jax.training import autoencoder_trainer
-from keyface_jax.training.initialization import frozen_decoder
+from keyface_jax.training.weight_sources import frozen_decoder
 from keyface_jax.training.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,8 +131,8 @@ def test_export_round_trips_into_every_reader(killed_and_resumed, videos):
     assert logged["step"] == STEPS
     frames = evaluation_frames(load_video_frames(videos), EVAL_FRAMES)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-    state = {"params": nnx.state(model, nnx.Param), "frozen": nnx.State({}), "ema": None}
-    scores = autoencoder_trainer.evaluate(nnx.split(model)[0], state, frames, mesh)
+    scores = autoencoder_trainer.evaluate(nnx.split(model)[0], nnx.state(model, nnx.Param), frames,
+                                          mesh)
     assert scores["eval_psnr"] == logged["eval_psnr"]
     # ... at SVD's latent scale: diffusion-space latents (× 0.18215) of unit standard deviation.
     assert scores["eval_latent_std"] == logged["eval_latent_std"]

@@ -1,4 +1,4 @@
-"""Tests for the checkpoint file layer (keyface_jax.checkpoints.io).
+"""Tests for the checkpoint file layer (keyface_jax.conversion.io).
 
 torch is used only here, to write real ``torch.save`` files; the reader never imports it.
 """
@@ -16,8 +16,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from keyface_jax.checkpoints import io as ckio
-from keyface_jax.checkpoints.io import CheckpointError
+from keyface_jax.conversion import io as ckio
+from keyface_jax.conversion.io import CheckpointError
 
 torch = pytest.importorskip("torch")
 

@@ -18,17 +18,17 @@ from flax import nnx  # noqa: E402
 
 from configs import interpolation, keyframe  # noqa: E402
 from keyface_jax import convert  # noqa: E402
-from keyface_jax.checkpoints import io as ckio  # noqa: E402
-from keyface_jax.checkpoints.diffusers_unet import (diffusers_config_from_unet,  # noqa: E402
-                                                    diffusers_unet_state_dict_to_sgm)
-from keyface_jax.checkpoints.diffusers_vae import diffusers_vae_state_dict_to_sgm  # noqa: E402
-from keyface_jax.checkpoints.io import CheckpointError  # noqa: E402
-from keyface_jax.checkpoints.keyface_ckpt import (export_reference_state_dict,  # noqa: E402
-                                                  init_from_svd, load_reference_checkpoint)
+from keyface_jax.conversion import io as ckio  # noqa: E402
+from keyface_jax.conversion.diffusers_unet import (diffusers_config_from_unet,  # noqa: E402
+                                                   diffusers_unet_state_dict_to_sgm)
+from keyface_jax.conversion.diffusers_vae import diffusers_vae_state_dict_to_sgm  # noqa: E402
+from keyface_jax.conversion.io import CheckpointError  # noqa: E402
+from keyface_jax.conversion.keyface_ckpt import (export_reference_state_dict,  # noqa: E402
+                                                 init_from_svd, load_reference_checkpoint)
 from keyface_jax.config_lib import autoencoder_config, network_config  # noqa: E402
 from keyface_jax.models.autoencoder import AutoencoderKL  # noqa: E402
 from keyface_jax.models.keyface import build_network  # noqa: E402
-from keyface_jax.testing.parity import randomize_torch_parameters, torch_state_dict_numpy  # noqa: E402
+from keyface_jax.testing.torch_reference import randomize_torch_parameters, torch_state_dict_numpy  # noqa: E402
 from keyface_jax.testing.vae_parity import make_random_diffusers_vae  # noqa: E402
 
 CONFIGS = {"keyframe": keyframe.get_config("tiny"), "interpolation": interpolation.get_config("tiny")}

@@ -24,13 +24,13 @@ from flax import nnx
 
 from configs import interpolation, keyframe
 from keyface_jax.config_lib import network_config
-from keyface_jax.data.loader import make_train_iterator
+from keyface_jax.data.loader import train_batches
 from keyface_jax.diffusion.objective import keyface_loss
 from keyface_jax.models.build import abstract_network
 from keyface_jax.models.keyface import build_network
 from keyface_jax.sharding import make_mesh
 from keyface_jax.train import objective_config
-from keyface_jax.training.state import split_network
+from keyface_jax.training.trainable import split_network
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 80
@@ -75,10 +75,9 @@ def _config(kind: str, dataset: str):
 
 
 def _first_batch(config) -> dict:
-    data = make_train_iterator(config, make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
+    data = train_batches(config, make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
     batch = {k: np.asarray(v) for k, v in next(data).items()}
-    if hasattr(data, "close"):
-        data.close()
+    data.close()
     return batch
 
 

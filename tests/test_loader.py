@@ -1,6 +1,7 @@
 """Loaders over a tiny synthetic frame dataset whose values encode (video, frame): exact clip
-alignment, eligibility, group balancing, determinism, Orbax resume, and sharding over processes
-(two row ranges in one process, and a real two-process `jax.distributed` run on localhost)."""
+alignment, eligibility, group balancing, determinism, resume at any batch, and sharding over
+processes (two row ranges in one process, and a real two-process `jax.distributed` run on
+localhost)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ VIDEOS = [(400, "a", "train"), (260, "a", "train"), (171, "b", "train"), (170, "
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from keyface_jax.data import synthetic
+    from data_pipelines import synthetic_dataset as synthetic
     folder = str(tmp_path_factory.mktemp("frames") / "keyface_frames" / "1.0.0")
     table = synthetic.write_synthetic_dataset(folder, [v[0] for v in VIDEOS],
                                               groups=[v[1] for v in VIDEOS],
@@ -86,12 +87,13 @@ def test_dataset_is_a_tfds_dataset(dataset):
 
 
 def test_writer_rejects_inconsistent_videos(tmp_path):
-    from keyface_jax.data import synthetic, tfds_io
+    from data_pipelines import synthetic_dataset as synthetic
+    from data_pipelines.dataset_writer import write_frame_dataset
     entry, arrays = next(synthetic.synthetic_videos([20]))
     arrays["audio"] = arrays["audio"][:19]
     with pytest.raises(ValueError, match="num_frames=20 but array lengths"):
-        tfds_io.write_frame_dataset(str(tmp_path / "d"), [(entry, arrays)], latent_shape=(4, 4, 4),
-                                    audio_dim=6)
+        write_frame_dataset(str(tmp_path / "d"), [(entry, arrays)], latent_shape=(4, 4, 4),
+                            audio_dim=6)
 
 
 def test_sixty_fps_mapping_matches_reference():
@@ -106,7 +108,7 @@ def test_sixty_fps_mapping_matches_reference():
 
 @pytest.mark.parametrize("kind", ["keyframe", "interpolation"])
 def test_clip_alignment(dataset, kind):
-    from keyface_jax.data import synthetic
+    from data_pipelines import synthetic_dataset as synthetic
     from keyface_jax.data.pipeline import host_dataset
     folder, table = dataset
     cfg = _config(folder, kind=kind, global_batch=4, pixel_frames=-1)
@@ -240,7 +242,8 @@ def test_worker_processes_give_the_same_batches_and_resume(dataset):
 def test_global_batches_on_the_mesh(dataset):
     import jax
     from jax.sharding import PartitionSpec
-    from keyface_jax.data.pipeline import host_dataset, make_loader, process_rows, batch_sharding
+    from keyface_jax.data.batch_layout import batch_sharding, process_rows
+    from keyface_jax.data.pipeline import host_dataset, make_loader
     from keyface_jax.sharding import make_mesh
     folder, _ = dataset
     mesh = make_mesh({"data": 2, "fsdp": 2})
@@ -263,45 +266,32 @@ def test_global_batches_on_the_mesh(dataset):
         make_loader(_config(folder, global_batch=6), mesh)
 
 
-def test_resume_from_orbax_checkpoint(dataset, tmp_path):
-    import grain
-    import orbax.checkpoint as ocp
-    from keyface_jax.data.pipeline import make_loader, restore_state, save_state
+def test_a_loader_started_at_batch_j_continues_the_sequence(dataset):
+    """What a resumed run relies on: the loader started at batch `start` (the restored step) gives
+    exactly batches start, start + 1, … of an uninterrupted one, with or without prefetching."""
+    from keyface_jax.data.pipeline import make_loader
     from keyface_jax.sharding import make_mesh
     folder, _ = dataset
     mesh = make_mesh({"data": 4})
     cfg = _config(folder, global_batch=4, seed=7)
-    loader, _ = _take(make_loader(cfg, mesh), 3)  # prefetch runs ahead; the state must not
-    save_state(str(tmp_path / "iter"), loader)
-    with ocp.CheckpointManager(str(tmp_path / "run")) as mngr:  # as a train loop saves it
-        mngr.save(3, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(loader)))
-        mngr.wait_until_finished()
-    _, want = _take(loader, 4)
-    restore_state(str(tmp_path / "iter"), loader)  # rolls a running loader back too
-    _, again = _take(loader, 4)
+    loader, want = _take(make_loader(cfg, mesh), 7)
     loader.close()
-    _assert_batches_equal(again, want)
-    fresh = make_loader(cfg, mesh)
-    restore_state(str(tmp_path / "iter"), fresh)
-    _, got = _take(fresh, 4)
-    fresh.close()
-    _assert_batches_equal(got, want)
+    for prefetch in (0, 2):
+        cfg = _config(folder, global_batch=4, seed=7, prefetch=prefetch, device_prefetch=prefetch)
+        resumed, got = _take(make_loader(cfg, mesh, start=3), 4)
+        resumed.close()
+        _assert_batches_equal(got, want[3:])
     assert [int(b["draw_index"][0]) for b in got] == [12, 16, 20, 24]
-    fresh = make_loader(cfg, mesh)
-    with ocp.CheckpointManager(str(tmp_path / "run")) as mngr:
-        restore = grain.checkpoint.CheckpointRestore(fresh)
-        mngr.restore(3, args=ocp.args.Composite(data_iter=restore))
-    _, got = _take(fresh, 4)
-    fresh.close()
-    _assert_batches_equal(got, want)
 
 
 def test_trainer_entry_point(dataset):
-    """`make_train_iterator(config, mesh)` from the run config gives what the trainer expects."""
+    """`train_batches(config, mesh, start)` from the run config gives what the trainer expects:
+    global batches on the batch sharding, the dataset's batches from `start` on."""
     import jax
     from configs import keyframe
-    from keyface_jax.data.loader import data_config, make_train_iterator
-    from keyface_jax.data.pipeline import batch_sharding
+    from keyface_jax.data.batch_layout import batch_sharding
+    from keyface_jax.data.loader import data_config, train_batches
+    from keyface_jax.data.pipeline import host_dataset
     from keyface_jax.sharding import make_mesh
     folder, _ = dataset
     config = keyframe.get_config("tiny")
@@ -312,19 +302,21 @@ def test_trainer_entry_point(dataset):
         config.train.batch_size, config.seed, None, 0)
     config.objective.pixel_weight = 1.0
     assert data_config(config).pixel_frames == config.objective.pixel_frames
+    it, (_, local) = _take(host_dataset(data_config(config)), 2)
+    _close(it)
     mesh = make_mesh({"fsdp": -1})
-    host = make_train_iterator(config, mesh)
-    local = next(host)
-    host.close()
-    assert isinstance(local["latents"], np.ndarray)
-    assert local["pixel_frames"].shape[:2] == (config.train.batch_size, 1)
-    glob = make_train_iterator(config, mesh, global_arrays=True)
+    glob = train_batches(config, mesh, start=1)
     batch = next(glob)
     glob.close()
     assert batch["latents"].sharding == batch_sharding(mesh)
     assert isinstance(batch["identity"], jax.Array)
+    assert local["pixel_frames"].shape[:2] == (config.train.batch_size, 1)
     for key in local:
         np.testing.assert_array_equal(np.asarray(batch[key]), local[key], err_msg=key)
+    config.data.unlock()
+    config.data.workers = 2   # the old name of worker_count: refused, not ignored
+    with pytest.raises(ValueError, match="unknown keys \\['workers'\\]"):
+        data_config(config)
 
 
 def test_wrong_video_table_is_detected(dataset, tmp_path):
@@ -371,7 +363,7 @@ def _free_port() -> int:
 
 def test_two_jax_processes(dataset, tmp_path):
     """Two `jax.distributed` CPU processes (2 devices each) on one global mesh: each loads its own
-    rows; together they give exactly the single-process batches; both resume from Orbax."""
+    rows; together they give exactly the single-process batches; both resume at a later batch."""
     from keyface_jax.data.pipeline import host_dataset
     folder, _ = dataset
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -402,8 +394,8 @@ def _two_process_worker(folder, workdir, port, process_id):
     import jax
     jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                                process_id=process_id)
-    from keyface_jax.data.pipeline import (DataConfig, batch_sharding, make_loader, process_rows,
-                                           restore_state, save_state)
+    from keyface_jax.data.batch_layout import batch_sharding, process_rows
+    from keyface_jax.data.pipeline import DataConfig, make_loader
     from keyface_jax.sharding import make_mesh
     assert jax.process_count() == 2 and len(jax.devices()) == 4
     mesh = make_mesh({"data": 2, "fsdp": 2})
@@ -419,12 +411,9 @@ def _two_process_worker(folder, workdir, port, process_id):
         return out
 
     loader = make_loader(cfg, mesh)
-    batches = [local(next(loader)) for _ in range(2)]
-    save_state(os.path.join(workdir, "iter"), loader)
-    batches += [local(next(loader)) for _ in range(2)]
+    batches = [local(next(loader)) for _ in range(4)]
     loader.close()
-    fresh = make_loader(cfg, mesh)
-    restore_state(os.path.join(workdir, "iter"), fresh)
+    fresh = make_loader(cfg, mesh, start=2)
     resumed = [local(next(fresh)) for _ in range(2)]
     fresh.close()
     result = dict(rows=list(process_rows(batch_sharding(mesh), 8)), batches=batches,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from keyface_jax.checkpoints.torch_pickle import CheckpointError
+from keyface_jax.conversion.torch_pickle import CheckpointError
 from keyface_jax.losses.lpips import LPIPS
 from keyface_jax.losses.lpips_import import (load_lpips, lpips_from_state_dicts,
                                              split_lpips_module_state_dict)

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from configs import keyframe
-from data_pipelines import preparation
+from data_pipelines import stages
 from data_pipelines.emotions import NeutralEmotions, make_emotion_source
 from data_pipelines.latents import LatentEncoder, random_encoder
-from data_pipelines.process import PrepareOptions, Tools
-from data_pipelines.sources import host_slice, list_videos
+from data_pipelines.video_arrays import PrepareOptions, Tools
+from data_pipelines.stages import host_slice
+from keyface_jax.media.video_list import list_videos
 from keyface_jax.config_lib import autoencoder_config
 from keyface_jax.data import tfds_io
 from keyface_jax.data.schema import source_frame_index
@@ -79,8 +80,8 @@ def encoder():
 
 
 def prepare(videos, out, encoder, *, audio=None, detector=None, **kw):
-    run_fields = {f.name for f in dataclasses.fields(preparation.RunConfig)}
-    run = preparation.RunConfig(output=str(out), batch_size=4, progress=False,
+    run_fields = {f.name for f in dataclasses.fields(stages.RunConfig)}
+    run = stages.RunConfig(output=str(out), batch_size=4, progress=False,
                                 **{k: v for k, v in kw.items() if k in run_fields})
     opts = PrepareOptions(image_size=SIZE, audio_features="energy",
                           **{k: v for k, v in kw.items() if k not in run_fields})
@@ -89,7 +90,7 @@ def prepare(videos, out, encoder, *, audio=None, detector=None, **kw):
                           emotions=make_emotion_source(opts.emotions))
     dataset = dict(latent_shape=[SIZE // 8, SIZE // 8, 4], audio_dim=audio.dim,
                    frame_shape=[SIZE, SIZE, 3] if opts.store_frames else None)
-    return preparation.prepare(list_videos(str(videos)), opts, run, tools_factory=tools,
+    return stages.prepare(list_videos(str(videos)), opts, run, tools_factory=tools,
                                dataset=dataset)
 
 
@@ -244,10 +245,10 @@ def test_list_names_groups_splits(listed, reference):
 def test_resume_after_interruption_is_byte_identical(listed, reference, encoder, monkeypatch):
     root, listing = listed
     out = root / "resumed"
-    monkeypatch.setenv(preparation.STOP_AFTER_ENV, "2")
-    with pytest.raises(preparation.PrepareInterrupted):
+    monkeypatch.setenv(stages.STOP_AFTER_ENV, "2")
+    with pytest.raises(stages.PrepareInterrupted):
         prepare(listing, out, encoder)
-    monkeypatch.delenv(preparation.STOP_AFTER_ENV)
+    monkeypatch.delenv(stages.STOP_AFTER_ENV)
     audio = Energy()
     summary = prepare(listing, out, encoder, audio=audio)
     assert summary["status"] == "done"
@@ -341,8 +342,8 @@ def test_encoder_weights_from_diffusers_folder_and_sgm_file(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     from data_pipelines.latents import load_encoder
-    from keyface_jax.checkpoints.io import write_safetensors
-    from keyface_jax.checkpoints.nnx_torch import export_torch_state_dict
+    from keyface_jax.conversion.io import write_safetensors
+    from keyface_jax.conversion.nnx_torch import export_torch_state_dict
     from keyface_jax.models.autoencoder import SCALE_FACTOR
     from keyface_jax.testing.vae_parity import make_random_diffusers_vae
     ref = make_random_diffusers_vae(dict(block_out_channels=[32, 64], layers_per_block=2), seed=0)

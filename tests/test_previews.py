@@ -11,15 +11,17 @@ from helpers import random_state
 from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import interpolation, keyframe
-from keyface_jax.checkpoints.io import write_safetensors
-from keyface_jax.checkpoints.nnx_torch import export_torch_state_dict
+from keyface_jax.conversion.io import write_safetensors
+from keyface_jax.conversion.nnx_torch import export_torch_state_dict
 from keyface_jax.config_lib import autoencoder_config, network_config
 from keyface_jax.models.autoencoder import AutoencoderKL
 from keyface_jax.models.build import abstract_network
 from keyface_jax.sharding import make_mesh
-from keyface_jax.training import batches as batch_lib
+from keyface_jax.data.batch_layout import batch_sharding, to_global
+from keyface_jax.data.synthetic_batches import SyntheticBatches
 from keyface_jax.training.previews import BATCH_FILE, PreviewWriter
-from keyface_jax.training.state import split_network
+from keyface_jax.training.state import TrainState
+from keyface_jax.training.trainable import split_network
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES = 4
@@ -38,10 +40,11 @@ def _run_parts(config, seed=0):
     graphdef, trainable, frozen = split_network(abstract_network(net_cfg), config.trainable)
     params = random_state(nnx.merge_state(trainable, frozen), seed)
     _, trainable, frozen = split_network(nnx.merge(graphdef, params), config.trainable)
-    state = jax.device_put(dict(params=trainable, frozen=frozen, ema=None),
+    state = jax.device_put(TrainState(step=0, rng=None, params=trainable, frozen=frozen,
+                                      opt_state=None),
                            NamedSharding(mesh, PartitionSpec()))
-    data = batch_lib.SyntheticBatches(net_cfg, config.train.batch_size, FRAMES, seed)
-    first = batch_lib.to_global(next(data), batch_lib.batch_sharding(mesh))
+    data = SyntheticBatches(net_cfg, config.train.batch_size, FRAMES, seed)
+    first = to_global(data.global_batch_at(0), batch_sharding(mesh))
     return mesh, graphdef, state, first
 
 
@@ -65,7 +68,7 @@ def test_latent_previews_of_the_keyframe_net(tmp_path):
     np.testing.assert_array_equal(video, _video_frames(tmp_path / "previews" / "step_000002.mp4"))
     assert np.abs(video[:, :, :size].astype(int) - video[:, :, size:]).mean() > 5
     # With an EMA copy the preview samples from it (same shapes: no new compilation).
-    writer.maybe_write(4, dict(state, ema=jax.tree.map(lambda p: 0.5 * p, state["params"])))
+    writer.maybe_write(4, state.replace(ema=jax.tree.map(lambda p: 0.5 * p, state.params)))
     ema_video = _video_frames(tmp_path / "previews" / "step_000004.mp4")
     assert np.abs(ema_video[:, :, size:].astype(int) - video[:, :, size:]).mean() > 1
     # The ground truth half stays (up to H.264 blocks that straddle the seam).
@@ -89,8 +92,8 @@ def test_decoded_previews_of_the_interpolation_net_and_resume(tmp_path):
     assert video.shape == (FRAMES, 2 * size, 2 * size, 3)
     assert video.std() > 5  # decoded pictures, not a flat frame
     # A resumed run previews the clips of the first run, whatever batch it starts on.
-    later = batch_lib.to_global({k: v[::-1].copy() for k, v in jax.device_get(first).items()},
-                                batch_lib.batch_sharding(mesh))
+    later = to_global({k: v[::-1].copy() for k, v in jax.device_get(first).items()},
+                      batch_sharding(mesh))
     resumed = PreviewWriter(config, str(tmp_path), graphdef, later, mesh)
     np.testing.assert_array_equal(jax.device_get(resumed._truth_latents),
                                   jax.device_get(writer._truth_latents))

@@ -1,7 +1,7 @@
-"""Trainable-parameter selection: presets and globs against the real module tree, optax masks."""
+"""Trainable-parameter selection: presets and globs against the real module tree, and the split
+into trainable and frozen Params that the optimizer and the train step see."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -11,12 +11,16 @@ from configs import keyframe
 from keyface_jax.config_lib import network_config
 from keyface_jax.models.build import abstract_network, count_params
 from keyface_jax.models.layers import Linear, SiLU
-from keyface_jax.training.trainable import (PRESETS, count_trainable, masked_optimizer,
-                                            param_names, trainable_mask,
-                                            trainable_mask_from_config)
+from keyface_jax.training.trainable import PRESETS, param_names, split_network
 from tests.helpers import tiny_config
 
 TEMPORAL = ("time_stack", "time_mixer", "time_pos_embed")
+
+
+def _counts(net, preset="reference", **globs) -> tuple[int, int]:
+    """(trainable, total) parameter values when `net` is split under a trainable config."""
+    _, trainable, frozen = split_network(net, dict(preset=preset, **globs))
+    return count_params(trainable), count_params(trainable) + count_params(frozen)
 
 
 def _temporal_count(net) -> tuple[int, int]:
@@ -35,19 +39,20 @@ def test_presets_match_module_tree_counts(kind, variant):
     cfg = (tiny_config(kind) if variant == "tiny"
            else network_config(keyframe.get_config("full").model))
     net = abstract_network(cfg)
-    params = nnx.state(net, nnx.Param)
     total = count_params(net)
     temporal, n_modules = _temporal_count(net)
     time_embed = count_params(net.diffusion_model.time_embed)
     assert n_modules > 0 and temporal > 0 and time_embed > 0
-    counts = {p: count_trainable(params, trainable_mask(params, p)) for p in PRESETS}
+    counts = {p: _counts(net, p) for p in PRESETS if p != "none"}
     assert all(t == total for _, t in counts.values())
-    assert counts["all"][0] == total and counts["none"][0] == 0
+    assert counts["all"][0] == total
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        split_network(net, dict(preset="none"))
     assert counts["reference"][0] == total - temporal          # time_embed trains
     assert counts["spatial_only"][0] == total - temporal - time_embed
     # The audio projection (and the interpolation mask token) train under the reference preset.
-    mask = nnx.to_flat_state(trainable_mask(params, "reference"))
-    flags = {".".join(map(str, path)): bool(v.get_value()) for path, v in mask}
+    trainable = set(param_names(split_network(net, dict(preset="reference"))[1]))
+    flags = {name: name in trainable for name in param_names(net)}
     assert flags["audio_proj.kernel"] and flags["diffusion_model.time_embed.0.kernel"]
     if kind == "interpolation":
         assert flags["learned_mask"]
@@ -58,31 +63,27 @@ def test_presets_match_module_tree_counts(kind, variant):
 
 
 def test_globs_override_the_preset():
-    params = nnx.state(abstract_network(tiny_config("keyframe")), nnx.Param)
-    names = param_names(params)
+    net = abstract_network(tiny_config("keyframe"))
+    names = param_names(net)
+    params = nnx.state(net, nnx.Param)
     audio = sum(int(np.prod(np.shape(v))) for n, v in zip(names, jax.tree.leaves(params))
                 if n.startswith("audio_proj."))
     mixers = [n for n in names if "time_mixer" in n]
-    base, total = count_trainable(params, trainable_mask(params))
-    no_audio = trainable_mask(params, freeze=["audio_proj.*"])
-    assert count_trainable(params, no_audio)[0] == base - audio
+    base, total = _counts(net)
+    assert _counts(net, freeze=["audio_proj.*"])[0] == base - audio
     # unfreeze wins over the preset and over freeze, as the reference's to_unfreeze.
-    both = trainable_mask(params, freeze=["*"], unfreeze=["*time_mixer*"])
-    assert count_trainable(params, both)[0] == len(mixers)  # one scalar per mixer
-    cfg_mask = trainable_mask_from_config(params, dict(preset="all", freeze=["*time_*"],
-                                                       unfreeze=["*time_embed*"]))
-    assert jax.tree.leaves(cfg_mask) == jax.tree.leaves(trainable_mask(params, "reference"))
+    assert _counts(net, freeze=["*"], unfreeze=["*time_mixer*"])[0] == len(mixers)  # a scalar each
+    assert _counts(net, "all", freeze=["*time_*"], unfreeze=["*time_embed*"]) == _counts(net)
     with pytest.raises(ValueError, match="match no parameter"):
-        trainable_mask(params, freeze=["diffusion_model.tme_stack*"])
+        split_network(net, dict(freeze=["diffusion_model.tme_stack*"]))
     with pytest.raises(ValueError, match="unknown 'temporal'"):
-        trainable_mask(params, "temporal")
+        split_network(net, dict(preset="temporal"))
     with pytest.raises(ValueError, match="unknown fields"):
-        trainable_mask_from_config(params, dict(presets="all"))
+        split_network(net, dict(presets="all"))
 
 
 class _Small(nnx.Module):
-    """A few layers named like the UNet's (the mask logic only sees names; eager optax is slow
-    on the full tiny network's hundreds of leaves)."""
+    """A few layers named like the UNet's (the selection only sees names)."""
 
     def __init__(self):
         rngs = nnx.Rngs(0)
@@ -91,22 +92,13 @@ class _Small(nnx.Module):
         self.proj_in = Linear(4, 2, rngs=rngs)
 
 
-def test_masked_optimizer_freezes_and_keeps_no_state():
-    params = nnx.state(_Small(), nnx.Param)
-    mask = trainable_mask(params, "reference")
-    flags = jax.tree.leaves(mask)
-    assert param_names(params) == ["proj_in.bias", "proj_in.kernel", "time_embed.0.bias",
-                                   "time_embed.0.kernel", "time_embed.2.bias",
-                                   "time_embed.2.kernel", "time_stack.bias", "time_stack.kernel"]
-    assert flags == [True] * 6 + [False] * 2
-    tx = masked_optimizer(optax.adamw(1e-2, weight_decay=0.1), mask)
-    opt_state = tx.init(params)
-    grads = jax.tree.map(jnp.ones_like, params)
-    updates, _ = tx.update(grads, opt_state, params)
-    new = optax.apply_updates(params, updates)
-    changed = [bool(np.any(np.asarray(a) != np.asarray(b)))
-               for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(new))]
-    assert changed == flags
+def test_frozen_parameters_get_no_optimizer_state():
+    _, trainable, frozen = split_network(_Small(), dict(preset="reference"))
+    assert param_names(trainable) == ["proj_in.bias", "proj_in.kernel", "time_embed.0.bias",
+                                      "time_embed.0.kernel", "time_embed.2.bias",
+                                      "time_embed.2.kernel"]
+    assert param_names(frozen) == ["time_stack.bias", "time_stack.kernel"]
+    opt_state = optax.adamw(1e-2, weight_decay=0.1).init(trainable)
     # Adam moments exist only for trainable leaves (mu and nu: two per trainable leaf).
     moments = [x for x in jax.tree.leaves(opt_state) if getattr(x, "ndim", 0) > 0]
-    assert len(moments) == 2 * sum(flags)
+    assert len(moments) == 2 * len(jax.tree.leaves(trainable))

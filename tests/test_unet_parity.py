@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from keyface_jax.testing.parity import check_unet_against_diffusers  # noqa: E402
+from keyface_jax.testing.unet_parity import check_unet_against_diffusers  # noqa: E402
 
 CA_DOWN, DOWN = "CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"
 CA_UP, UP = "CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"

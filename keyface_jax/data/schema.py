@@ -18,7 +18,7 @@ dataset folder, also in the TFDS metadata) lists per video: name, source path, s
 num_frames (at 25 fps), first_record (global record index of its frame 0), group (for balancing)
 and split. Loaders turn (video, start) choices into record indices with `first_record + frame`.
 Each TFDS split holds the frames of the videos whose `split` names it, so `first_record` indexes the
-records of that split. `keyface_jax.data.tfds_io.write_frame_dataset` writes all of this.
+records of that split. `data_pipelines.dataset_writer` writes all of this.
 
 Sources recorded at another rate (the reference's 60 fps NSV sets, spec §6) are resampled by the
 preparation, never by the loaders: a video of n source frames has `resampled_length(n, fps)` frames
@@ -38,6 +38,18 @@ TOKENS_PER_FRAME = 2                    # audio tokens per video frame (50 Hz fe
 KEYFRAME_STRIDE = 13                    # keyframes are 13 frames apart
 CLIP_FRAMES = 14                        # frames per training clip, both stages
 VIDEO_TABLE = "videos.json"
+# ArrayRecord reads and writes local files only (riegeli's file I/O), so datasets live on a local
+# or mounted file system; on a pod, a bucket is mounted with gcsfuse (launch/tpu_pod.sh).
+LOCAL_ONLY = ("datasets are read and written with ArrayRecord, which opens local files only: "
+              "mount the bucket with gcsfuse (launch/tpu_pod.sh does, at /mnt/<bucket>) and give "
+              "the mounted path")
+
+
+def require_local(path: str, what: str) -> str:
+    """`path` unchanged if it is a local path; a URL is an error that says what to do instead."""
+    if "://" in str(path):
+        raise ValueError(f"{what}={path}: {LOCAL_ONLY}")
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +61,6 @@ class VideoEntry:
     first_record: int    # global index of frame 0 in the frame records
     group: str = "default"
     split: str = "train"
-
-
-def keyframe_span(clip_frames: int = CLIP_FRAMES, stride: int = KEYFRAME_STRIDE) -> int:
-    """Video frames a keyframe clip covers: 14 keyframes 13 apart span 170 frames."""
-    return (clip_frames - 1) * stride + 1
 
 
 def _rate(source_fps: float) -> fractions.Fraction:

@@ -1,4 +1,5 @@
-"""Writing and reading the frame-record TFDS dataset of `keyface_jax.data.schema`, without TF.
+"""Reading the frame-record TFDS dataset of `keyface_jax.data.schema`, without TF (its features
+are defined here; `data_pipelines.dataset_writer` writes datasets with them).
 
 A dataset folder holds, per split, ArrayRecord shards `<name>-<split>.array_record-NNNNN-of-NNNNN`
 of serialized `tf.train.Example`s (TFDS's own proto, no TensorFlow needed), plus TFDS's
@@ -12,24 +13,20 @@ proto directly, ~25× faster than TFDS's generic numpy decoding.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
 import zlib
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
-from array_record.python import array_record_module
 from tensorflow_datasets.proto import tf_example_pb2
 
 from keyface_jax.data.schema import TOKENS_PER_FRAME, VIDEO_TABLE, VideoEntry
 
 DATASET_NAME = "keyface_frames"
 VERSION = "1.0.0"
-_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
-_SUFFIX = "array_record"
 
 
 def frame_features(latent_shape: Sequence[int], audio_dim: int,
@@ -46,126 +43,6 @@ def frame_features(latent_shape: Sequence[int], audio_dim: int,
     if frame_shape is not None:
         spec["frame"] = tfds.features.Image(shape=tuple(frame_shape), encoding_format="png")
     return tfds.features.FeaturesDict(spec)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    from PIL import Image  # only needed when frames are stored
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="png")
-    return buf.getvalue()
-
-
-class _SplitWriter:
-    """Streams one split's records into shards of `shard_records`, named once the count is known."""
-
-    def __init__(self, folder: str, name: str, split: str, shard_records: int):
-        self.folder, self.name, self.split, self.shard_records = folder, name, split, shard_records
-        self.lengths: list[int] = []
-        self._writer = None
-
-    def write(self, record: bytes):
-        if self._writer is None or self.lengths[-1] == self.shard_records:
-            self._close_shard()
-            path = os.path.join(self.folder, f".tmp-{self.split}-{len(self.lengths):05d}")
-            # group_size:1 makes every record its own chunk: one random read decodes one record
-            self._writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
-            self.lengths.append(0)
-        self._writer.write(record)
-        self.lengths[-1] += 1
-
-    def _close_shard(self):
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def finish(self) -> tuple[int, list[str]]:
-        self._close_shard()
-        n, paths = len(self.lengths), []
-        for i in range(n):
-            final = os.path.join(self.folder,
-                                 f"{self.name}-{self.split}.{_SUFFIX}-{i:05d}-of-{n:05d}")
-            os.replace(os.path.join(self.folder, f".tmp-{self.split}-{i:05d}"), final)
-            paths.append(final)
-        return sum(os.path.getsize(p) for p in paths), paths
-
-
-def write_frame_dataset(folder: str, videos: Iterable[tuple[VideoEntry, Mapping[str, Any]]], *,
-                        latent_shape: Sequence[int], audio_dim: int,
-                        frame_shape: Sequence[int] | None = None, shard_records: int = 2048,
-                        name: str = DATASET_NAME, description: str = "",
-                        overwrite: bool = False) -> list[VideoEntry]:
-    """Writes a frame-record dataset (schema.py) into `folder` and returns its video table.
-
-    Args:
-      folder: the dataset folder (created). Use `<data_dir>/<name>/<version>` to make it loadable by
-        `tfds.data_source(name, data_dir=data_dir)` too.
-      videos: (entry, arrays) pairs, streamed one video at a time, in any split order. arrays:
-        latent [T, h, w, 4] float32 (diffusion space), audio [T, 2, audio_dim] float32, valence and
-        arousal [T] float32, and, iff `frame_shape` is given, frame [T, H, W, 3] uint8 or a length-T
-        list of PNG bytes. `entry.num_frames` must equal T; `entry.first_record` is ignored and set
-        here (records of a split are numbered in the order its videos arrive).
-      latent_shape: [h, w, 4]. audio_dim: features per audio token. frame_shape: [H, W, 3] or None.
-      shard_records: records per ArrayRecord shard.
-    Returns:
-      The video table as written to `videos.json` (video_index = position in this list).
-    """
-    if os.path.exists(os.path.join(folder, "dataset_info.json")):
-        if not overwrite:
-            raise FileExistsError(f"{folder} already holds a dataset (overwrite=True replaces it)")
-        for f in os.listdir(folder):
-            if f".{_SUFFIX}-" in f or f in ("dataset_info.json", "features.json", "metadata.json",
-                                             VIDEO_TABLE):
-                os.remove(os.path.join(folder, f))
-    os.makedirs(folder, exist_ok=True)
-    features = frame_features(latent_shape, audio_dim, frame_shape)
-    writers: dict[str, _SplitWriter] = {}
-    table: list[VideoEntry] = []
-    for entry, arrays in videos:
-        n = int(entry.num_frames)
-        lengths = {k: len(arrays[k]) for k in ("latent", "audio", "valence", "arousal")}
-        if frame_shape is not None:
-            lengths["frame"] = len(arrays["frame"])
-        elif "frame" in arrays:
-            raise ValueError(f"video {entry.name}: frames given but the dataset has no frame_shape")
-        if any(v != n for v in lengths.values()):
-            raise ValueError(f"video {entry.name}: num_frames={n} but array lengths are {lengths}")
-        if n < 1:
-            raise ValueError(f"video {entry.name} has no frames")
-        if entry.split not in writers:
-            writers[entry.split] = _SplitWriter(folder, name, entry.split, shard_records)
-        writer = writers[entry.split]
-        entry = dataclasses.replace(entry, first_record=sum(writer.lengths))
-        for t in range(n):
-            record = dict(video_index=len(table), frame_index=t,
-                          latent=np.asarray(arrays["latent"][t], np.float32),
-                          audio=np.asarray(arrays["audio"][t], np.float32),
-                          valence=np.float32(arrays["valence"][t]),
-                          arousal=np.float32(arrays["arousal"][t]))
-            if frame_shape is not None:
-                frame = arrays["frame"][t]
-                record["frame"] = frame if isinstance(frame, bytes) else encode_png(frame)
-            writer.write(features.serialize_example(record))
-        table.append(entry)
-    if not writers:
-        raise ValueError("write_frame_dataset: no videos")
-
-    split_infos = []
-    for split, writer in sorted(writers.items()):
-        num_bytes, _ = writer.finish()
-        template = tfds.core.ShardedFileTemplate(data_dir=folder, template=_TEMPLATE,
-                                                 dataset_name=name, split=split,
-                                                 filetype_suffix=_SUFFIX)
-        split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=list(writer.lengths),
-                                               num_bytes=num_bytes, filename_template=template))
-    rows = [dataclasses.asdict(e) for e in table]
-    with open(os.path.join(folder, VIDEO_TABLE), "w") as f:
-        json.dump(rows, f, indent=1)
-    # check_data=False: TFDS's check reads through tf.data, which needs TensorFlow
-    tfds.folder_dataset.write_metadata(
-        data_dir=folder, features=features, split_infos=split_infos, filename_template=_TEMPLATE,
-        check_data=False, description=description or "KeyFace frame records (one per 25 fps frame)",
-        metadata=tfds.core.MetadataDict(videos=rows))
-    return table
 
 
 def read_video_table(folder: str) -> list[VideoEntry]:

@@ -6,7 +6,7 @@ and `max_frames_per_video` bound the memory.
 
 Batch j is a pure function of (seed, j): which clips, where they are cropped, whether they are
 flipped. So a resumed run (or one on another number of processes) sees exactly the batches an
-uninterrupted one would, and the state kept in checkpoints is just the batch index.
+uninterrupted one would (`data.pipeline.indexed_loader` serves them from batch `start`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import logging
 
 import numpy as np
 
+from keyface_jax.data.schema import require_local
 from keyface_jax.media.errors import MediaError
 from keyface_jax.media.video import read_frames
-from keyface_jax.training.batches import IndexedBatches
+from keyface_jax.media.video_list import list_videos
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,8 @@ def load_video_frames(videos: str, *, fps: float = 25.0, frame_stride: int = 1,
     """{video name: uint8 frames [N, H, W, 3]} of every readable video under `videos` (a folder or
     a list file, as `data_pipelines.prepare --videos`), sorted by name. Unreadable files are
     skipped with a warning; finding no frames at all is an error."""
-    from data_pipelines.sources import list_videos  # the one definition of "a folder of videos"
     out = {}
-    for item in list_videos(videos):
+    for item in list_videos(require_local(videos, "config.data.videos")):
         try:
             frames, _ = read_frames(item.path, fps)
         except MediaError as e:
@@ -42,8 +42,8 @@ def load_video_frames(videos: str, *, fps: float = 25.0, frame_stride: int = 1,
     return out
 
 
-class VideoFrameBatches(IndexedBatches):
-    """Host-local rows of global batches {"frames": uint8 [B, T, S, S, 3]}: T consecutive frames of
+class VideoFrameBatches:
+    """Global batches {"frames": uint8 [B, T, S, S, 3]}: T consecutive frames of
     one video, the same random S×S crop and flip for the whole clip (crop_size 0 = full frames,
     which then must all have one size)."""
 
@@ -63,8 +63,7 @@ class VideoFrameBatches(IndexedBatches):
         # Every clip start (video, first frame), so each clip is equally likely.
         self.starts = np.array([(v, s) for v, frames in enumerate(self.videos)
                                 for s in range(len(frames) - clip_frames + 1)], np.int64)
-        super().__init__(global_batch, seed)
-        self.clip_frames = clip_frames
+        self.global_batch, self.seed, self.clip_frames = global_batch, seed, clip_frames
         self.crop_size, self.flip = crop_size, flip
 
     def _clip(self, rng: np.random.Generator) -> np.ndarray:

@@ -4,10 +4,12 @@ or per-frame arrays from a file; an intensity factor applied once (the reference
 
 from __future__ import annotations
 
+import io
 import json
-import os
 
 import numpy as np
+
+from keyface_jax.paths import as_path
 
 # (valence, arousal) per named state: the reference's table (circumplex-model coordinates).
 EMOTIONS = {
@@ -39,16 +41,16 @@ def _from_file(path: str) -> np.ndarray:
     """[n, 2] valence/arousal: .npy [n, 2], .npz / .json with 'valence' and 'arousal', or .csv
     with those two columns (a header row)."""
     try:
+        raw = as_path(path).read_bytes()
         if path.endswith(".npy"):
-            return np.asarray(np.load(path), np.float64)
+            return np.asarray(np.load(io.BytesIO(raw)), np.float64)
         if path.endswith(".npz"):
-            with np.load(path) as data:
+            with np.load(io.BytesIO(raw)) as data:
                 return np.stack([data["valence"], data["arousal"]], -1).astype(np.float64)
         if path.endswith(".json"):
-            with open(path) as f:
-                data = json.load(f)
+            data = json.loads(raw)
             return np.stack([data["valence"], data["arousal"]], -1).astype(np.float64)
-        table = np.genfromtxt(path, delimiter=",", names=True)
+        table = np.genfromtxt(io.BytesIO(raw), delimiter=",", names=True)
         return np.stack([table["valence"], table["arousal"]], -1).astype(np.float64)
     except (OSError, KeyError, ValueError) as e:
         raise ValueError(f"{path}: cannot read valence/arousal ({type(e).__name__}: {e})") from None
@@ -64,7 +66,7 @@ def emotion_track(spec, num_frames: int, intensity: float = 1.0) -> np.ndarray:
     if spec is None or (isinstance(spec, str) and not spec.strip()):
         spec = "neutral"
     if isinstance(spec, str) and spec.endswith(FILE_SUFFIXES):
-        if not os.path.isfile(spec):
+        if not as_path(spec).is_file():
             raise ValueError(f"{spec}: emotion file not found")
         values = _from_file(spec)
     elif isinstance(spec, str):

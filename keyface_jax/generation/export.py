@@ -9,21 +9,21 @@ generator (fixed shapes, as the pipeline uses them); shapes are listed in manife
 
 from __future__ import annotations
 
-import json
-import os
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from keyface_jax.generation.pipeline import decode_segments
+from keyface_jax.generation.decoding import decode_segments
 from keyface_jax.generation.plan import SLOTS
 from keyface_jax.sampling import guided
 from keyface_jax.sampling.euler import initial_noise, sample
 from keyface_jax.sampling.sampler import latent_shape, pin_endpoints, share_audio_projection
 from keyface_jax.sampling.schedules import ays_sigmas
 from keyface_jax.models.autoencoder import to_diffusion_space
+from keyface_jax.paths import as_path, write_bytes, write_json
 
 
 def _string_keys(tree):
@@ -78,13 +78,12 @@ def _spec(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
 
 
-def _write(folder: str, name: str, fn, *example_args) -> dict:
+def _write(folder, name: str, fn, *example_args) -> dict:
     exported = jax.export.export(jax.jit(fn))(*[_spec(a) for a in example_args])
-    path = os.path.join(folder, f"{name}.jax_exported")
-    with open(path, "wb") as f:
-        f.write(exported.serialize())
+    path = as_path(folder) / f"{name}.jax_exported"
+    write_bytes(path, bytes(exported.serialize()))
     shapes = lambda avals: [list(a.shape) for a in avals]
-    return dict(file=os.path.basename(path), inputs=shapes(exported.in_avals),
+    return dict(file=path.name, inputs=shapes(exported.in_avals),
                 outputs=shapes(exported.out_avals))
 
 
@@ -92,10 +91,10 @@ def _pure(state: nnx.State) -> dict:
     return _string_keys(jax.tree.map(np.asarray, state.to_pure_dict()))
 
 
-def export_pipeline(generator, folder: str) -> dict:
+def export_pipeline(generator, folder) -> dict:
     """Writes keyframe_sampler / interpolation_sampler / decoder .jax_exported files and their
     weights (weights.npz per network, flattened paths) plus manifest.json; returns the manifest."""
-    os.makedirs(folder, exist_ok=True)
+    as_path(folder).mkdir(parents=True, exist_ok=True)
     g = generator
     h, w, c = g.latent_shape
     steps = len(ays_sigmas(g.options.num_steps))
@@ -131,16 +130,17 @@ def export_pipeline(generator, folder: str) -> dict:
     for name, tree in weights.items():
         flat = {"/".join(str(k.key) for k in path): np.asarray(v)
                 for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-        np.savez(os.path.join(folder, f"{name}_weights.npz"), **flat)
-    with open(os.path.join(folder, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
+        buffer = io.BytesIO()
+        np.savez(buffer, **flat)
+        write_bytes(as_path(folder) / f"{name}_weights.npz", buffer.getvalue())
+    write_json(as_path(folder) / "manifest.json", manifest, indent=1)
     return manifest
 
 
 def load_weights(path: str) -> dict:
     """A *_weights.npz back to the nested dict the exported functions take."""
     out: dict = {}
-    with np.load(path) as data:
+    with np.load(io.BytesIO(as_path(path).read_bytes())) as data:
         for name in data.files:
             node = out
             *parents, leaf = name.split("/")

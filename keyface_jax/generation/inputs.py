@@ -8,7 +8,7 @@ record it for that clip and go on with the others.
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
 from typing import Any, Callable
 
 import numpy as np
@@ -20,6 +20,7 @@ from keyface_jax.generation.emotion import emotion_track
 from keyface_jax.media import MediaError, face_crop
 from keyface_jax.media.audio import peak_dbfs, read_audio
 from keyface_jax.media.video import FrameReader
+from keyface_jax.paths import as_path, local_copy
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SILENCE_DB = -60.0   # the preparation's threshold: audio peaking below this is "silent"
@@ -59,13 +60,14 @@ class ClipInputs:
 def _first_frame(path: str) -> np.ndarray:
     if path.lower().endswith(IMAGE_SUFFIXES):
         try:
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(as_path(path).read_bytes())) as image:
                 return np.asarray(image.convert("RGB"))
         except (OSError, UnidentifiedImageError) as e:
             raise ClipError(f"{path}: cannot read the face image ({e})") from None
     try:
-        for frame in FrameReader(path):
-            return frame
+        with local_copy(path) as local:
+            for frame in FrameReader(local):
+                return frame
     except MediaError as e:
         raise ClipError(f"{path}: cannot read the face video ({e})") from None
     raise ClipError(f"{path}: the face video has no frames")
@@ -73,7 +75,7 @@ def _first_frame(path: str) -> np.ndarray:
 
 def load_face(path: str, size: int, detector=None, crop_scale: float = 1.6) -> np.ndarray:
     """uint8 [size, size, 3]: the centred square, or `crop_scale` × the largest detected face."""
-    if not os.path.isfile(path):
+    if not as_path(path).is_file():
         raise ClipError(f"{path}: face file not found")
     frame = _first_frame(path)
     height, width = frame.shape[:2]
@@ -91,10 +93,11 @@ def load_face(path: str, size: int, detector=None, crop_scale: float = 1.6) -> n
 
 def load_waveform(path: str, max_seconds: float | None = None) -> np.ndarray:
     """16 kHz mono float32; errors for missing, undecodable, silent or sub-frame audio."""
-    if not os.path.isfile(path):
+    if not as_path(path).is_file():
         raise ClipError(f"{path}: audio file not found")
     try:
-        waveform = read_audio(path, AUDIO_RATE).waveform
+        with local_copy(path) as local:
+            waveform = read_audio(local, AUDIO_RATE).waveform
     except MediaError as e:
         raise ClipError(f"{path}: {e}") from None
     if max_seconds is not None:
@@ -110,7 +113,7 @@ def load_waveform(path: str, max_seconds: float | None = None) -> np.ndarray:
 
 def _precomputed(path: str, num_frames: int, dim: int) -> np.ndarray:
     try:
-        tokens = np.asarray(np.load(path), np.float32)
+        tokens = np.asarray(np.load(io.BytesIO(as_path(path).read_bytes())), np.float32)
     except (OSError, ValueError) as e:
         raise ClipError(f"{path}: cannot read audio features ({e})") from None
     if tokens.ndim != 3 or tokens.shape[1:] != (2, dim):

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
+import shutil
+import tempfile
 from typing import Callable, Sequence
 
 import jax
@@ -33,10 +36,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from keyface_jax.data.schema import AUDIO_RATE, FPS
+from keyface_jax.generation.decoding import decode_jitted
 from keyface_jax.generation.inputs import ClipInputs
 from keyface_jax.generation.plan import SLOTS, STRIDE, ClipPlan
 from keyface_jax.media.video import VideoWriter
 from keyface_jax.models.autoencoder import from_diffusion_space, posterior_mode
+from keyface_jax.paths import as_path, is_url, publish, write_bytes
 from keyface_jax.sampling import guidance
 from keyface_jax.sampling.sampler import sample_interpolation, sample_keyframes
 
@@ -85,22 +90,6 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 def _encode_mean(graphdef, state, images):
     mean, logvar = nnx.merge(graphdef, state).encode(images.astype(jnp.float32) / 127.5 - 1.0)
     return posterior_mode(mean, logvar)
-
-
-def decode_segments(autoencoder, z: jax.Array, decode_frames: int) -> jax.Array:
-    """Diffusion-space latents [B, T, h, w, c] → images [B, T, H, W, 3], the temporal decoder
-    seeing `decode_frames` consecutive frames at a time."""
-    b, t = z.shape[:2]
-    if t % decode_frames:
-        raise ValueError(f"decode_frames={decode_frames} does not divide the {t}-frame segment")
-    groups = z.reshape(b * t // decode_frames, decode_frames, *z.shape[2:])
-    images = autoencoder.decode(from_diffusion_space(groups))
-    return images.reshape(b, t, *images.shape[2:])
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "decode_frames"))
-def _decode(graphdef, state, z, decode_frames):
-    return decode_segments(nnx.merge(graphdef, state), z, decode_frames)
 
 
 def _batches(items: Sequence, size: int):
@@ -258,38 +247,48 @@ class Generator:
         size = self.sizes["decode"]
         z = np.stack(chunks + [chunks[-1]] * (size - len(chunks)))
         ae = self.autoencoder
-        return np.asarray(_decode(ae.graphdef, ae.state, self._put(z),
+        return np.asarray(decode_jitted(ae.graphdef, ae.state, self._put(z),
                                   self.options.decode_frames))[:len(chunks)]
 
     def generate(self, clips: Sequence[ClipInputs], outputs: Sequence[str], *,
                  on_done: Callable[[int, dict], None] | None = None, progress: bool = True) -> list[dict]:
-        """Writes each clip's mp4 atomically (a temporary name, renamed when complete)."""
+        """Writes each clip's mp4 (local or gs://) whole: under a temporary name, renamed or
+        uploaded when complete."""
         plans = [ClipPlan(c.num_frames) for c in clips]
         identities = self.encode_identities(clips)
         keyframes = self.sample_keyframes(clips, identities, progress)
         results: list[dict | None] = [None] * len(clips)
+        # Local outputs are written beside their final name and renamed; gs:// ones are written
+        # here and uploaded whole when complete.
+        scratch = tempfile.mkdtemp(prefix="keyface_generate_")
 
         def open_writer(c):
-            os.makedirs(os.path.dirname(os.path.abspath(outputs[c])), exist_ok=True)
-            return _ClipWriter(clips[c], plans[c], partial_path(outputs[c]), self.options,
-                               self.latent_shape)
+            staging = (os.path.join(scratch, f"{c}_{as_path(outputs[c]).name}")
+                       if is_url(outputs[c]) else partial_path(outputs[c]))
+            as_path(outputs[c]).parent.mkdir(parents=True, exist_ok=True)
+            return _ClipWriter(clips[c], plans[c], staging, self.options, self.latent_shape)
 
         def close_writer(c, writer):
             frames = writer.close()
             if frames != plans[c].num_frames:
                 raise RuntimeError(f"{outputs[c]}: wrote {frames} frames, planned {plans[c].num_frames}")
             if self.options.save_latents:
-                os.replace(writer.path + ".latents.npy", outputs[c] + ".latents.npy")
+                publish(writer.path + ".latents.npy", outputs[c] + ".latents.npy")
             # the identity crop the models saw (the reference image for drift metrics)
-            Image.fromarray(clips[c].face).save(identity_path(outputs[c]))
-            os.replace(writer.path, outputs[c])
+            png = io.BytesIO()
+            Image.fromarray(clips[c].face).save(png, format="png")
+            write_bytes(identity_path(outputs[c]), png.getvalue())
+            publish(writer.path, outputs[c])
             results[c] = dict(name=clips[c].request.name, output=outputs[c], frames=frames,
                               seconds=frames / FPS, keyframes=len(plans[c].keyframe_positions),
                               segments=plans[c].num_segments)
             if on_done is not None:
                 on_done(c, results[c])
 
-        self.interpolate_and_decode(clips, keyframes, open_writer, close_writer, progress)
+        try:
+            self.interpolate_and_decode(clips, keyframes, open_writer, close_writer, progress)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         return results
 
 

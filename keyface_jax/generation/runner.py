@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Sequence
 
+from flax import nnx
+
 from keyface_jax.audio import get_extractor
-from keyface_jax.config_lib import load_config
-from keyface_jax.generation import weights
+from keyface_jax.config_lib import autoencoder_config, load_config, network_config
 from keyface_jax.generation.inputs import ClipError, ClipRequest, load_clip
 from keyface_jax.generation.manifest import Summary
 from keyface_jax.generation.pipeline import GenerationOptions, Generator, Network, partial_path
 from keyface_jax.media.face_crop import make_detector
+from keyface_jax.models.autoencoder import AutoencoderKL
+from keyface_jax.models.keyface import build_network
+from keyface_jax.paths import as_path
+from keyface_jax.training.run_checkpoints import run_steps
+from keyface_jax.training.weight_sources import WeightSource, autoencoder_state, network_state
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +28,8 @@ log = logging.getLogger(__name__)
 class ModelSources:
     keyframe_config: str = "configs/keyframe.py:tiny"
     interpolation_config: str = "configs/interpolation.py:tiny"
-    keyframe: str = "random"              # run folder[@step] | Orbax export | reference ckpt | random
+    keyframe: str = "random"              # a weight source: run folder[@step], Orbax export,
+    #                                       reference checkpoint, random, or KIND:PATH
     interpolation: str = "random"
     interpolation_bad: str = "auto"       # auto | none | a weights source
     autoencoder: str = "random"           # Orbax export / autoencoder run | random
@@ -42,11 +48,31 @@ def _bad_source(sources: ModelSources) -> str | None:
         return None
     if spec != "auto":
         return spec
-    steps = weights.run_steps(sources.interpolation)
+    main = WeightSource.parse(sources.interpolation)
+    steps = run_steps(main.path) if main.kind == "run" else []
     if len(steps) >= 2:
-        return f"{sources.interpolation}@{steps[0]}"
+        return f"run:{main.path}@{steps[0]}"
     log.info("no weaker interpolation network (autoguidance off): pass --interpolation_bad")
     return None
+
+
+def load_network(config, spec: str, *, seed: int = 0, use_ema: bool = True) -> Network:
+    """The network `config.model` describes, with the weights of source `spec`."""
+    net_cfg = network_config(config.model)
+    if spec == "random":
+        return Network(*nnx.split(build_network(net_cfg, rngs=nnx.Rngs(seed))))
+    abstract = nnx.eval_shape(lambda: build_network(net_cfg, rngs=nnx.Rngs(0)))
+    state = network_state(WeightSource.parse(spec), net_cfg, abstract, seed=seed, use_ema=use_ema)
+    return Network(nnx.split(abstract)[0], state)
+
+
+def load_autoencoder(ae_section, spec: str, *, seed: int = 0) -> AutoencoderKL:
+    """The autoencoder (encoder for the identity frame, temporal decoder for the output)."""
+    cfg = autoencoder_config(ae_section)
+    if spec == "random":
+        return AutoencoderKL(cfg, rngs=nnx.Rngs(seed))
+    abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+    return nnx.merge(nnx.split(abstract)[0], autoencoder_state(WeightSource.parse(spec), abstract))
 
 
 class Setup:
@@ -62,15 +88,14 @@ class Setup:
                              "latent_size / audio_dim")
         self.image_size = 8 * kf_model.latent_size
         self.audio_dim = kf_model.audio_dim
-        load = lambda cfg, src, seed: Network(*weights.load_network(cfg, src, seed=seed,
-                                                                    use_ema=sources.use_ema)[:2])
+        load = lambda cfg, src, seed: load_network(cfg, src, seed=seed, use_ema=sources.use_ema)
         keyframe = load(self.kf_config, sources.keyframe, sources.weights_seed)
         interpolation = load(self.ip_config, sources.interpolation, sources.weights_seed + 1)
         bad = _bad_source(sources)
         self.bad_description = bad
         bad_net = load(self.ip_config, bad, sources.weights_seed + 2) if bad else None
-        autoencoder = weights.load_autoencoder(self.kf_config.autoencoder, sources.autoencoder,
-                                               seed=sources.weights_seed)
+        autoencoder = load_autoencoder(self.kf_config.autoencoder, sources.autoencoder,
+                                       seed=sources.weights_seed)
         self.generator = Generator(keyframe, interpolation, autoencoder, bad_net, options)
         spec = sources.audio_features or f"logmel:{self.audio_dim}"
         self.keyframe_features = get_extractor(spec)
@@ -91,11 +116,11 @@ def run(setup: Setup, requests: Sequence[ClipRequest], summary_path: str, *,
     summary = Summary(summary_path)
     todo = []
     for request in requests:
-        if os.path.isfile(request.output):
+        if as_path(request.output).is_file():
             summary.record(request.name, status="done", output=request.output, note="existing output kept")
             continue
-        if os.path.exists(partial_path(request.output)):
-            os.remove(partial_path(request.output))   # an interrupted earlier run
+        if as_path(partial_path(request.output)).exists():
+            as_path(partial_path(request.output)).unlink()   # an interrupted earlier run
         todo.append(request)
     for start in range(0, len(todo), clips_per_group):
         group, clips = todo[start:start + clips_per_group], []

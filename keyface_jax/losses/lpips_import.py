@@ -21,9 +21,9 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from keyface_jax.checkpoints.io import read_state_dict
-from keyface_jax.checkpoints.nnx_torch import load_torch_state_dict
-from keyface_jax.checkpoints.torch_pickle import CheckpointError
+from keyface_jax.conversion.io import read_state_dict
+from keyface_jax.conversion.nnx_torch import load_torch_state_dict
+from keyface_jax.conversion.torch_pickle import CheckpointError
 from keyface_jax.losses.lpips import (LPIPS, LPIPS_CHANNELS, LPIPS_SCALE, LPIPS_SHIFT, VGG16_CONVS)
 
 VGG_IGNORED_PREFIXES = ("classifier.",)  # torchvision's ImageNet head; LPIPS stops at relu5_3

@@ -21,18 +21,24 @@ def count_params(module_or_state) -> int:
     return int(sum(np.prod(v.shape) for v in jax.tree.leaves(state)))
 
 
+def input_shapes(config: KeyFaceConfig, batch: int = 1, frames: int = 14) -> dict[str, tuple[int, ...]]:
+    """The shapes of one network call's inputs, the one definition every batch builder uses: x and
+    c_noise, then the conditions (audio, and identity + valence/arousal for the keyframe network or
+    first/last for the interpolation network)."""
+    s, c = config.latent_size, config.latent_channels
+    shapes = dict(x=(batch, frames, s, s, c), c_noise=(batch,),
+                  audio=(batch, frames, config.audio_tokens_per_frame, config.audio_dim))
+    if config.kind == "keyframe":
+        shapes.update(identity=(batch, s, s, c), valence=(batch, frames), arousal=(batch, frames))
+    else:
+        shapes.update(first=(batch, s, s, c), last=(batch, s, s, c))
+    return shapes
+
+
 def example_inputs(config: KeyFaceConfig, batch: int = 1, frames: int = 14, dtype=jnp.float32) -> dict:
     """Abstract inputs of one network call (keyword arguments besides x and c_noise included)."""
-    s, c = config.latent_size, config.latent_channels
-    spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
-    inputs = dict(x=spec(batch, frames, s, s, c), c_noise=spec(batch),
-                  audio=spec(batch, frames, config.audio_tokens_per_frame, config.audio_dim))
-    if config.kind == "keyframe":
-        inputs.update(identity=spec(batch, s, s, c), valence=spec(batch, frames),
-                      arousal=spec(batch, frames))
-    else:
-        inputs.update(first=spec(batch, s, s, c), last=spec(batch, s, s, c))
-    return inputs
+    return {name: jax.ShapeDtypeStruct(shape, dtype)
+            for name, shape in input_shapes(config, batch, frames).items()}
 
 
 def forward_flops(config: KeyFaceConfig, batch: int = 1, frames: int = 14, dtype=None) -> float:
@@ -54,12 +60,10 @@ def random_conditions(config: KeyFaceConfig, batch: int, frames: int,
                       rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Seeded Gaussian conditions of one network call: audio, and identity + valence/arousal
     (keyframe) or first/last (interpolation); emotions squashed into [−1, 1]."""
-    s, c = config.latent_size, config.latent_channels
-    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)
-    conds = dict(audio=f(batch, frames, config.audio_tokens_per_frame, config.audio_dim))
-    if config.kind == "keyframe":
-        conds.update(identity=f(batch, s, s, c), valence=np.tanh(f(batch, frames)),
-                     arousal=np.tanh(f(batch, frames)))
-    else:
-        conds.update(first=f(batch, s, s, c), last=f(batch, s, s, c))
+    conds = {}
+    for name, shape in input_shapes(config, batch, frames).items():
+        if name in ("x", "c_noise"):
+            continue
+        value = rng.standard_normal(shape).astype(np.float32)
+        conds[name] = np.tanh(value) if name in ("valence", "arousal") else value
     return conds

@@ -10,11 +10,11 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from keyface_jax.checkpoints.diffusers_vae import (diffusers_vae_state_dict_to_sgm,
-                                                    vae_config_from_diffusers)
-from keyface_jax.checkpoints.nnx_torch import load_torch_state_dict
+from keyface_jax.conversion.diffusers_vae import (diffusers_vae_state_dict_to_sgm,
+                                                  vae_config_from_diffusers)
+from keyface_jax.conversion.nnx_torch import load_torch_state_dict
 from keyface_jax.models.autoencoder import AutoencoderKL
-from keyface_jax.testing.parity import relative_error, torch_state_dict_numpy
+from keyface_jax.testing.torch_reference import relative_error, torch_state_dict_numpy
 
 
 def _full_config(diffusers_config: Mapping[str, Any]) -> dict:

@@ -9,6 +9,8 @@ from typing import Mapping
 
 import jax
 
+from keyface_jax.paths import AppendLog, PathLike, as_path
+
 # Dense peak FLOP/s per device for the dtype a run computes in (bf16 on accelerators). Figures are
 # the vendors' published dense (non-sparse) numbers.
 PEAK_FLOPS = {
@@ -45,18 +47,20 @@ def mfu(flops_per_step: float | None, step_seconds: float, num_devices: int,
 
 
 class MetricWriter:
-    """Scalars to `workdir/tensorboard` (TensorBoard event files) and `workdir/metrics.jsonl`.
+    """Scalars to `workdir/tensorboard` (TensorBoard event files) and `workdir/metrics.jsonl`,
+    on a local disk or GCS (tensorboardX writes gs:// itself; the JSONL is a `paths.AppendLog`).
     Only process 0 writes; the others accept calls and drop them."""
 
-    def __init__(self, workdir: str, enabled: bool | None = None):
+    def __init__(self, workdir: PathLike, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._tb = None
         self._jsonl = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
+            workdir = as_path(workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"), flush_secs=10)
+            self._jsonl = AppendLog(workdir / "metrics.jsonl")
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -72,6 +76,5 @@ class MetricWriter:
             self._jsonl.close()
 
 
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path: PathLike) -> list[dict]:
+    return [json.loads(line) for line in as_path(path).read_text().splitlines() if line.strip()]

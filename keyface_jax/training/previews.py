@@ -17,8 +17,8 @@ the ground truth on the left and the sample on the right.
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 import time
 
 import jax
@@ -27,12 +27,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from keyface_jax.data.batch_layout import to_global
 from keyface_jax.data.schema import KEYFRAME_STRIDE
 from keyface_jax.media.video import write_video
 from keyface_jax.models.autoencoder import from_diffusion_space
+from keyface_jax.paths import as_path, staged_output, write_bytes
 from keyface_jax.sampling import sampler
-from keyface_jax.training import batches as batch_lib
-from keyface_jax.training import initialization
+from keyface_jax.training import weight_sources
 
 log = logging.getLogger("keyface_jax.train")
 
@@ -83,12 +84,12 @@ def _host(x) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
-def _load_matching(path: str, like: dict) -> dict | None:
+def _load_matching(path, like: dict) -> dict | None:
     """The saved preview batch if it has the same fields and shapes as `like` (a resumed run of
     the same config), else None."""
-    if not os.path.exists(path):
+    if not path.exists():
         return None
-    with np.load(path) as saved:
+    with np.load(io.BytesIO(path.read_bytes())) as saved:
         batch = {k: saved[k] for k in saved.files}
     same = sorted(batch) == sorted(like) and all(batch[k].shape == like[k].shape for k in like)
     return batch if same else None
@@ -97,19 +98,19 @@ def _load_matching(path: str, like: dict) -> dict | None:
 class PreviewWriter:
     """Writes the preview videos of a run; `maybe_write(step, state)` after every step."""
 
-    def __init__(self, config, workdir: str, graphdef, first_batch: dict, mesh, dtype=None, *,
+    def __init__(self, config, workdir, graphdef, first_batch: dict, mesh, dtype=None, *,
                  clips: int = PREVIEW_CLIPS):
         self.every = int(config.train.get("preview_every", 0) or 0)
         self.total = int(config.train.steps)
         if self.every <= 0:
             return
-        self.folder = os.path.join(workdir, "previews")
+        self.folder = as_path(workdir) / "previews"
         self.kind = config.model.kind
         # Keyframe clips sample every 13th frame of 25 fps video: play them at their real pace.
         self.fps = VIDEO_FPS / KEYFRAME_STRIDE if self.kind == "keyframe" else VIDEO_FPS
         self._replicated = NamedSharding(mesh, PartitionSpec())
         batch = self._fixed_batch(first_batch, clips)
-        place = lambda tree: batch_lib.to_global(tree, self._replicated)
+        place = lambda tree: to_global(tree, self._replicated)
         self._conditions = place(preview_conditions(batch, self.kind))
         self._truth_latents = place({"z": batch["latents"]})["z"]
         key = jax.random.fold_in(jax.random.key(config.seed), NOISE_STREAM)
@@ -127,13 +128,12 @@ class PreviewWriter:
         take = jax.jit(lambda b: {k: v[:clips] for k, v in b.items()}, out_shardings=self._replicated)
         batch = {k: _host(v) for k, v in take(fields).items()}
         if jax.process_index() == 0:
-            path = os.path.join(self.folder, BATCH_FILE)
+            path = self.folder / BATCH_FILE
             saved = _load_matching(path, batch)
             if saved is None:
-                os.makedirs(self.folder, exist_ok=True)
-                with open(path + ".tmp", "wb") as f:
-                    np.savez(f, **batch)
-                os.replace(path + ".tmp", path)
+                buffer = io.BytesIO()
+                np.savez(buffer, **batch)
+                write_bytes(path, buffer.getvalue())
             else:
                 batch = saved
         if jax.process_count() > 1:
@@ -155,7 +155,7 @@ class PreviewWriter:
             log.info("previews: config.init.autoencoder is not set, so the previews show latent "
                      "channels 0-2 as RGB instead of decoded frames")
             return None
-        decoder = initialization.frozen_decoder(config.init, config.autoencoder, dtype)
+        decoder = weight_sources.frozen_decoder(config.init, config.autoencoder, dtype)
         graphdef, state = nnx.split(decoder)
         state = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
             self._replicated, np.asarray(x)), state)
@@ -186,15 +186,13 @@ class PreviewWriter:
         if not self.due(step):
             return 0.0
         start = time.perf_counter()
-        weights = state["ema"] if state.get("ema") is not None else state["params"]
-        sample = self._sample(weights, state["frozen"], self._conditions, self._key_data)
+        sample = self._sample(state.weights(), state.frozen, self._conditions, self._key_data)
         if self._truth_pictures is None:
             self._truth_pictures = self._pictures(self._truth_latents)
         video = side_by_side(self._truth_pictures, self._pictures(sample))
         if jax.process_index() == 0:
-            path = os.path.join(self.folder, f"step_{step:06d}.mp4")
-            os.makedirs(self.folder, exist_ok=True)
-            write_video(path + ".tmp.mp4", video, self.fps)
-            os.replace(path + ".tmp.mp4", path)
+            path = self.folder / f"step_{step:06d}.mp4"
+            with staged_output(path) as local:
+                write_video(local, video, self.fps)
             log.info("preview of step %d: %s (%.2f s)", step, path, time.perf_counter() - start)
         return time.perf_counter() - start

@@ -77,20 +77,20 @@ def make_update_step(loss_fn: Callable, tx: optax.GradientTransformation, schedu
                 jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics))
 
     def step(state, batch, aux):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        grads, metrics = gradients(state["params"], state["frozen"], batch, key, aux)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        grads, metrics = gradients(state.params, state.frozen, batch, key, aux)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        params = keep(params, state["params"])
-        opt_state = keep(opt_state, state["opt_state"])
-        ema = state["ema"]
+        params = keep(params, state.params)
+        opt_state = keep(opt_state, state.opt_state)
+        ema = state.ema
         if ema is not None:
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
-        new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state, ema=ema)
-        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state["step"]),
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
                        finite=finite.astype(jnp.float32))
         return new_state, metrics
 

@@ -1,4 +1,5 @@
-"""Which parameters train: named presets plus glob patterns → an optax boolean mask pytree.
+"""Which parameters train: named presets plus glob patterns, and the network split into trainable
+and frozen Params (`split_network`): gradients and optimizer state exist only for the first.
 
 The reference (spec §4) passes `to_freeze=["time_"]`, `to_unfreeze=["time_embed"]`: every
 parameter whose name contains "time_" (time_stack, time_mixer, time_pos_embed, time_embed) is
@@ -17,11 +18,9 @@ A user glob that matches no parameter raises (a typo would otherwise silently tr
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
-import numpy as np
-import optax
 from flax import nnx
 
 # preset → ordered (glob, trainable) rules; a parameter no rule matches is frozen.
@@ -86,42 +85,27 @@ def is_trainable(name: str, preset: str = "reference", freeze: Sequence[str] = (
     return flag
 
 
-def trainable_mask(params, preset: str = "reference", freeze: Sequence[str] = (),
-                   unfreeze: Sequence[str] = ()):
-    """A pytree shaped like `params` (an nnx.State of Params, any pytree, or a module: its Param
-    state) with a Python bool per leaf: True = trains. Usable as `optax.masked`'s mask."""
-    params = _params(params)
-    freeze, unfreeze = tuple(freeze), tuple(unfreeze)
-    names = param_names(params)
-    _check_patterns(names, freeze, "freeze")
-    _check_patterns(names, unfreeze, "unfreeze")
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: is_trainable(param_name(path), preset, freeze, unfreeze), params)
+def trainable_filter(trainable_cfg) -> Callable:
+    """An NNX filter (path, value) → bool selecting the Params that train under `config.trainable`."""
+    preset = trainable_cfg.get("preset", "reference")
+    freeze, unfreeze = tuple(trainable_cfg.get("freeze", ())), tuple(trainable_cfg.get("unfreeze", ()))
+    return lambda path, _: is_trainable(param_name(path), preset, freeze, unfreeze)
 
 
-def trainable_mask_from_config(params, config: Mapping | None):
-    """From a config section with optional `preset` ("reference"), `freeze`, `unfreeze` lists."""
-    config = dict(config or {})
-    unknown = sorted(set(config) - {"preset", "freeze", "unfreeze"})
+def split_network(network, trainable_cfg):
+    """(graphdef, trainable Params, frozen Params) under `config.trainable` (preset, freeze,
+    unfreeze). A glob that matches no parameter, an unknown field and non-Param state are errors:
+    KeyFace networks hold none, and silently dropping e.g. batch statistics would be a bug."""
+    unknown = sorted(set(trainable_cfg) - {"preset", "freeze", "unfreeze"})
     if unknown:
-        raise ValueError(f"trainable config: unknown fields {unknown} (preset, freeze, unfreeze)")
-    return trainable_mask(params, config.get("preset", "reference"),
-                          tuple(config.get("freeze", ())), tuple(config.get("unfreeze", ())))
-
-
-def count_trainable(params, mask) -> tuple[int, int]:
-    """(trainable, total) numbers of parameter values."""
-    sizes = [int(np.prod(np.shape(x))) for x in jax.tree.leaves(_params(params))]
-    flags = jax.tree.leaves(mask)
-    if len(flags) != len(sizes):
-        raise ValueError(f"mask has {len(flags)} leaves, params {len(sizes)}")
-    return sum(s for s, f in zip(sizes, flags) if f), sum(sizes)
-
-
-def masked_optimizer(tx: optax.GradientTransformation, mask) -> optax.GradientTransformation:
-    """`tx` on the trainable parameters; frozen ones get zero updates and no optimizer state.
-
-    (`optax.masked` alone would pass frozen parameters' raw gradients through as updates.)
-    """
-    labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+        raise ValueError(f"config.trainable: unknown fields {unknown} (preset, freeze, unfreeze)")
+    names = param_names(network)
+    _check_patterns(names, tuple(trainable_cfg.get("freeze", ())), "freeze")
+    _check_patterns(names, tuple(trainable_cfg.get("unfreeze", ())), "unfreeze")
+    graphdef, trainable, frozen, rest = nnx.split(
+        network, nnx.All(nnx.Param, trainable_filter(trainable_cfg)), nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(f"network has non-parameter state {list(nnx.to_flat_state(rest))[:3]}")
+    if not jax.tree.leaves(trainable):
+        raise ValueError(f"config.trainable {dict(trainable_cfg)} leaves nothing to train")
+    return graphdef, trainable, frozen

@@ -1,7 +1,7 @@
-"""diffusers `AutoencoderKLTemporalDecoder` ↔ sgm names for the SVD autoencoder.
+"""diffusers `AutoencoderKLTemporalDecoder` → sgm names for the SVD autoencoder.
 
 Our NNX tree uses sgm's names (see `keyface_jax.models.autoencoder`); this module renames a
-diffusers state dict into them (and back) and reshapes the attention projections, which diffusers
+diffusers state dict into them and reshapes the attention projections, which diffusers
 stores as Linear [C, C] and sgm as 1x1 Conv2d [C, C, 1, 1].
 
 A key splits into a block prefix, renamed by a rule with index placeholders, and a remainder
@@ -64,7 +64,7 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile(rf"^{body}\.(?P<rest>.+)$")
 
 
-_COMPILED = [(_pattern(d), d, _pattern(s), s, table) for d, s, table in _RULES]
+_COMPILED = [(_pattern(d), s, table) for d, s, table in _RULES]
 
 
 def _num_levels(config: Mapping[str, Any] | VAEConfig) -> int:
@@ -80,36 +80,24 @@ def _rename_rest(rest: str, table: Mapping[str, str]) -> str | None:
     return f"{table[module]}.{leaf}" if table[module] else leaf
 
 
-def _convert(key: str, config, to_sgm: bool) -> str:
-    n = _num_levels(config)
-    shift = {"m": 1 if to_sgm else -1}
-    for d_pat, d_tpl, s_pat, s_tpl, table in _COMPILED:
-        pattern, template = (d_pat, s_tpl) if to_sgm else (s_pat, d_tpl)
+def diffusers_vae_key_to_sgm(key: str, diffusers_config: Mapping[str, Any] | VAEConfig) -> str:
+    """'decoder.up_blocks.0.resnets.1.temporal_res_block.norm1.weight' →
+    'decoder.up.{n-1}.block.1.time_stack.in_layers.0.weight' (n = number of levels)."""
+    n = _num_levels(diffusers_config)
+    for pattern, template, table in _COMPILED:
         match = pattern.match(key)
         if match is None:
             continue
-        rest = _rename_rest(match["rest"], table if to_sgm else {v: k for k, v in table.items()})
+        rest = _rename_rest(match["rest"], table)
         if rest is None:
             continue
         idx = {}
         for name, value in match.groupdict().items():
             if name != "rest":
                 v = int(value)
-                idx[name] = n - 1 - v if name == "u" else v + shift.get(name, 0)
+                idx[name] = n - 1 - v if name == "u" else v + (1 if name == "m" else 0)
         return f"{template.format(**idx)}.{rest}"
-    side = "diffusers" if to_sgm else "sgm"
-    raise KeyError(f"no {side} → {'sgm' if to_sgm else 'diffusers'} rule for VAE key {key!r}")
-
-
-def diffusers_vae_key_to_sgm(key: str, diffusers_config: Mapping[str, Any] | VAEConfig) -> str:
-    """'decoder.up_blocks.0.resnets.1.temporal_res_block.norm1.weight' →
-    'decoder.up.{n-1}.block.1.time_stack.in_layers.0.weight' (n = number of levels)."""
-    return _convert(key, diffusers_config, to_sgm=True)
-
-
-def sgm_vae_key_to_diffusers(key: str, diffusers_config: Mapping[str, Any] | VAEConfig) -> str:
-    """Inverse of `diffusers_vae_key_to_sgm`."""
-    return _convert(key, diffusers_config, to_sgm=False)
+    raise KeyError(f"no diffusers → sgm rule for VAE key {key!r}")
 
 
 def _check_decoder_mid(keys, prefix: str) -> None:
@@ -130,17 +118,6 @@ def diffusers_vae_state_dict_to_sgm(sd: Mapping[str, Any], diffusers_config) -> 
         if _ATTN_WEIGHT.search(new_key) and value.ndim == 2:
             value = value[:, :, None, None]
         out[new_key] = value
-    return out
-
-
-def sgm_vae_state_dict_to_diffusers(sd: Mapping[str, Any], diffusers_config) -> dict[str, np.ndarray]:
-    """Inverse of `diffusers_vae_state_dict_to_sgm`."""
-    out = {}
-    for key, value in sd.items():
-        value = np.asarray(value)
-        if _ATTN_WEIGHT.search(key) and value.ndim == 4:
-            value = value[:, :, 0, 0]
-        out[sgm_vae_key_to_diffusers(key, diffusers_config)] = value
     return out
 
 

@@ -1,4 +1,4 @@
-"""The list of videos to prepare: names, groups, splits, and each host's slice.
+"""A list of video files: a folder searched recursively, or a list file; stable names, groups, splits.
 
 `--videos` is a folder (searched recursively for video files) or a text file list. A list has one
 video per line: `path`, `path<TAB>group` or `path<TAB>group<TAB>split` (relative paths are relative
@@ -65,10 +65,11 @@ def _from_list(list_file: str) -> list[VideoItem]:
 
 
 def list_videos(spec: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[VideoItem]:
-    """All videos named by a folder or a list file, sorted by name. Names that would collide
+    """All videos named by a folder or a list file, sorted by name, with absolute paths (a record
+    of them means the same file whatever the working directory). Names that would collide
     (clip.mp4 and clip.mov) keep their extension; a path listed twice is an error."""
     if os.path.isdir(spec):
-        items = _from_folder(spec, extensions)
+        items = _from_folder(os.path.abspath(spec), extensions)   # absolute paths, any cwd
     elif os.path.isfile(spec):
         items = _from_list(spec)
     else:
@@ -82,12 +83,3 @@ def list_videos(spec: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list
     items = [dataclasses.replace(i, name=i.name + os.path.splitext(i.path)[1])
              if i.name in clash else i for i in items]
     return sorted(items)
-
-
-def host_slice(items: Sequence[VideoItem], num_hosts: int, host_index: int) -> list[VideoItem]:
-    """Host `host_index`'s contiguous share of the sorted list: concatenating the hosts' slices in
-    host order gives back the list, so a multi-host dataset has the single-host record order."""
-    if not 0 <= host_index < num_hosts:
-        raise ValueError(f"host_index {host_index} is not in [0, {num_hosts})")
-    n = len(items)
-    return list(items[host_index * n // num_hosts:(host_index + 1) * n // num_hosts])

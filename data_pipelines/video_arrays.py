@@ -19,7 +19,7 @@ import numpy as np
 
 from data_pipelines.emotions import EmotionPredictor
 from data_pipelines.latents import video_id
-from data_pipelines.sources import VideoItem
+from keyface_jax.media.video_list import VideoItem
 from keyface_jax.data.schema import AUDIO_RATE, CLIP_FRAMES, FPS, TOKENS_PER_FRAME
 from keyface_jax.media import face_crop
 from keyface_jax.media.audio import align_to_frames, peak_dbfs, read_audio

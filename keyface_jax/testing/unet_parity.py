@@ -1,4 +1,4 @@
-"""Numerical parity of our Flax networks with diffusers' PyTorch SVD modules (an independent
+"""Numerical parity of our VideoUNet with diffusers' PyTorch SVD UNet (an independent
 implementation). torch and diffusers are test-only dependencies, imported inside the functions.
 
 Each check builds the PyTorch module from a diffusers config, overwrites every parameter with seeded
@@ -10,36 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def randomize_torch_parameters(module, seed: int) -> None:
-    """Seeded values for every parameter: weights ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.2²),
-    biases ~ N(0, 0.2²), merge factors ~ N(0, 1) (so both branches of every blend matter)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if name.endswith("mix_factor"):
-                value = noise
-            elif p.ndim >= 2:
-                value = noise / float(np.sqrt(np.prod(p.shape[1:])))
-            elif name.endswith("weight"):
-                value = 1.0 + 0.2 * noise
-            else:
-                value = 0.2 * noise
-            p.copy_(value.to(p.dtype))
-
-
-def relative_error(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    if ours.shape != ref.shape:
-        raise ValueError(f"output shapes differ: ours {ours.shape}, reference {ref.shape}")
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
-
-def torch_state_dict_numpy(module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+from keyface_jax.testing.torch_reference import (randomize_torch_parameters, relative_error,
+                                                torch_state_dict_numpy)
 
 
 def _unet_inputs(cfg: dict, rng: np.random.Generator, batch: int = 2):
@@ -71,9 +43,9 @@ def check_unet_against_diffusers(diffusers_config: dict, seed: int) -> float:
     from diffusers import UNetSpatioTemporalConditionModel
     from flax import nnx
 
-    from keyface_jax.checkpoints.diffusers_unet import (diffusers_unet_state_dict_to_sgm,
-                                                        unet_config_from_diffusers)
-    from keyface_jax.checkpoints.nnx_torch import load_torch_state_dict
+    from keyface_jax.conversion.diffusers_unet import (diffusers_unet_state_dict_to_sgm,
+                                                       unet_config_from_diffusers)
+    from keyface_jax.conversion.nnx_torch import load_torch_state_dict
     from keyface_jax.models.layers import timestep_embedding
     from keyface_jax.models.unet import VideoUNet
 
@@ -101,11 +73,3 @@ def check_unet_against_diffusers(diffusers_config: dict, seed: int) -> float:
     out = forward(state, jnp.asarray(inputs["sample"].transpose(0, 1, 3, 4, 2)),
                   jnp.asarray(inputs["timestep"]), jnp.asarray(inputs["encoder_hidden_states"]), y)
     return relative_error(np.asarray(out).transpose(0, 1, 4, 2, 3), ref)
-
-
-def check_vae_against_diffusers(diffusers_config: dict, seed: int) -> float:
-    """Relative max error of our autoencoder vs diffusers' AutoencoderKLTemporalDecoder
-    (posterior mean and log-variance of the encoder, and the temporal decoder)."""
-    from keyface_jax.testing.vae_parity import check_vae_against_diffusers as check
-
-    return check(diffusers_config, seed)

@@ -1,4 +1,4 @@
-"""diffusers `UNetSpatioTemporalConditionModel` ↔ sgm `VideoUNet` naming and configs.
+"""diffusers `UNetSpatioTemporalConditionModel` → sgm `VideoUNet` naming, and configs both ways.
 
 Our VideoUNet mirrors sgm names, so importing diffusers weights is: rename diffusers keys to sgm
 keys (this module), then the generic sgm → NNX loader. The map is derived from the config by
@@ -156,38 +156,27 @@ def _block_prefixes(config: UNetConfig) -> Iterator[tuple[str, str, tuple]]:
     yield "conv_out.", "out.2.", _PLAIN
 
 
-def _rename(key: str, pairs, config: UNetConfig, reverse: bool) -> str:
+def _rename(key: str, pairs) -> str:
     for d_prefix, s_prefix, table in pairs:
-        src, dst = (s_prefix, d_prefix) if reverse else (d_prefix, s_prefix)
-        if key.startswith(src):
-            rest = key[len(src):]
+        if key.startswith(d_prefix):
+            rest = key[len(d_prefix):]
             for d_in, s_in in table:
-                a, b = (s_in, d_in) if reverse else (d_in, s_in)
-                if rest.startswith(a):
-                    return dst + b + rest[len(a):]
-    side = "sgm" if reverse else "diffusers"
-    raise KeyError(f"{side} UNet key {key!r} has no counterpart for this config")
+                if rest.startswith(d_in):
+                    return s_prefix + s_in + rest[len(d_in):]
+    raise KeyError(f"diffusers UNet key {key!r} has no counterpart for this config")
+
+
+def _pairs(config: UNetConfig):
+    # Longest prefixes first, so 'down_blocks.1.resnets.1.' never matches 'down_blocks.1.resnets.10.'.
+    return sorted(_block_prefixes(config), key=lambda p: -len(p[0]))
 
 
 def diffusers_unet_key_to_sgm(key: str, config: UNetConfig) -> str:
-    # Longest prefixes first, so 'down_blocks.1.resnets.1.' never matches 'down_blocks.1.resnets.10.'.
-    pairs = sorted(_block_prefixes(config), key=lambda p: -len(p[0]))
-    return _rename(key, pairs, config, reverse=False)
-
-
-def sgm_unet_key_to_diffusers(key: str, config: UNetConfig) -> str:
-    pairs = sorted(_block_prefixes(config), key=lambda p: -len(p[1]))
-    return _rename(key, pairs, config, reverse=True)
+    return _rename(key, _pairs(config))
 
 
 def diffusers_unet_state_dict_to_sgm(state_dict: dict[str, np.ndarray], config: UNetConfig
                                      ) -> dict[str, np.ndarray]:
     """Renames every key; the tensor layouts of the two namings are identical."""
-    pairs = sorted(_block_prefixes(config), key=lambda p: -len(p[0]))
-    return {_rename(k, pairs, config, reverse=False): v for k, v in state_dict.items()}
-
-
-def sgm_unet_state_dict_to_diffusers(state_dict: dict[str, np.ndarray], config: UNetConfig
-                                     ) -> dict[str, np.ndarray]:
-    pairs = sorted(_block_prefixes(config), key=lambda p: -len(p[1]))
-    return {_rename(k, pairs, config, reverse=True): v for k, v in state_dict.items()}
+    pairs = _pairs(config)
+    return {_rename(k, pairs): v for k, v in state_dict.items()}

@@ -34,12 +34,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_pipelines import shards as shards_lib
-from data_pipelines.process import PrepareOptions, Tools, frame_pngs, process_video
-from data_pipelines.sources import VideoItem, host_slice
+from data_pipelines import dataset_writer
+from data_pipelines.video_arrays import PrepareOptions, Tools, frame_pngs, process_video
 from keyface_jax.data import tfds_io
 from keyface_jax.data.schema import FPS, VIDEO_TABLE, VideoEntry
 from keyface_jax.media.errors import MediaError
+from keyface_jax.media.video_list import VideoItem
 
 STOP_AFTER_ENV = "KEYFACE_PREPARE_STOP_AFTER"   # test hook: raise after N videos of a run
 
@@ -101,7 +101,16 @@ class Workspace:
 
     def read_marker(self, item: VideoItem) -> dict | None:
         path = self.marker(item)
-        return shards_lib.read_json(path) if os.path.exists(path) else None
+        return dataset_writer.read_json(path) if os.path.exists(path) else None
+
+
+def host_slice(items: Sequence[VideoItem], num_hosts: int, host_index: int) -> list[VideoItem]:
+    """Host `host_index`'s contiguous share of the sorted list: concatenating the hosts' slices in
+    host order gives back the list, so a multi-host dataset has the single-host record order."""
+    if not 0 <= host_index < num_hosts:
+        raise ValueError(f"host_index {host_index} is not in [0, {num_hosts})")
+    n = len(items)
+    return list(items[host_index * n // num_hosts:(host_index + 1) * n // num_hosts])
 
 
 def check_options(ws: Workspace, record: dict) -> None:
@@ -110,12 +119,17 @@ def check_options(ws: Workspace, record: dict) -> None:
     path = os.path.join(ws.root, "options.json")
     record = json.loads(json.dumps(record))  # tuples → lists, as read back
     if not os.path.exists(path):
-        shards_lib.write_json(path, record)
+        dataset_writer.write_json(path, record)
         return
-    old = shards_lib.read_json(path)
+    old = dataset_writer.read_json(path)
     if old != record:
-        diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
-        raise ValueError(f"{ws.root} was prepared with other options ({', '.join(diff)}): "
+        flat = lambda d: {f"{k}.{i}" if isinstance(v, dict) else k: (w if isinstance(v, dict) else v)
+                          for k, v in d.items()
+                          for i, w in (v.items() if isinstance(v, dict) else [(None, v)])}
+        before, now = flat(old), flat(record)
+        diff = [f"{k}: {before.get(k)!r} then, {now.get(k)!r} now"
+                for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        raise ValueError(f"{ws.root} was prepared with other options ({'; '.join(diff)}): "
                          "use another --output (or delete it) to prepare with new ones")
 
 
@@ -134,7 +148,7 @@ def run_one(item: VideoItem, opts: PrepareOptions, tools: Tools, ws: Workspace) 
         np.savez(tmp, **arrays)
         os.replace(tmp, ws.arrays(item))
         marker = dict(base, status="ok", **meta)
-    shards_lib.write_json(ws.marker(item), marker)
+    dataset_writer.write_json(ws.marker(item), marker)
     return marker
 
 
@@ -242,7 +256,7 @@ def write_stage(items: Sequence[VideoItem], ws: Workspace, index: dict[str, int]
             os.remove(os.path.join(host_dir, f))
     serializer = features.serialize_example
     max_bytes = int(ws.run.shard_mb * 2**20)
-    writers: dict[str, shards_lib.ShardWriter] = {}
+    writers: dict[str, dataset_writer.ShardWriter] = {}
     for item in items:
         if item.name not in index:
             continue
@@ -250,13 +264,8 @@ def write_stage(items: Sequence[VideoItem], ws: Workspace, index: dict[str, int]
             arrays = {k: data[k] for k in data.files}
         pngs = frame_pngs(arrays)
         writer = writers.setdefault(item.split,
-                                    shards_lib.ShardWriter(host_dir, item.split, max_bytes))
-        for k in range(len(arrays["latent"])):
-            record = dict(video_index=index[item.name], frame_index=k, latent=arrays["latent"][k],
-                          audio=arrays["audio"][k], valence=arrays["valence"][k],
-                          arousal=arrays["arousal"][k])
-            if pngs is not None:
-                record["frame"] = pngs[k]
+                                    dataset_writer.ShardWriter(host_dir, item.split, max_bytes))
+        for record in dataset_writer.frame_records(index[item.name], arrays, pngs):
             writer.write(serializer(record))
     return {split: [dataclasses.asdict(s) for s in w.close()] for split, w in writers.items()}
 
@@ -297,7 +306,7 @@ def prepare(items: Sequence[VideoItem], opts: PrepareOptions, run: RunConfig, *,
     if failures and run.skip_failed:
         for f in failures:
             item = next(i for i in mine if i.name == f["name"])
-            shards_lib.write_json(ws.marker(item), dict(f, status="skipped",
+            dataset_writer.write_json(ws.marker(item), dict(f, status="skipped",
                                                         reason=f"error: {f['reason']}"))
         failures = []
     host_dir = ws.host_dir(run.host_index)
@@ -308,16 +317,16 @@ def prepare(items: Sequence[VideoItem], opts: PrepareOptions, run: RunConfig, *,
     if failures:
         summary = _summary([m for m in markers if m], dict(info, status="failed",
                                                           failures=failures))
-        shards_lib.write_json(os.path.join(host_dir, "summary.json"), summary)
+        dataset_writer.write_json(os.path.join(host_dir, "summary.json"), summary)
         return summary
-    shards_lib.write_json(os.path.join(host_dir, "encoded.json"),
+    dataset_writer.write_json(os.path.join(host_dir, "encoded.json"),
                           dict(list_digest=digest, markers=markers))
 
-    same_list = lambda p: shards_lib.read_json(p).get("list_digest") == digest
+    same_list = lambda p: dataset_writer.read_json(p).get("list_digest") == digest
     encoded = [os.path.join(ws.host_dir(h), "encoded.json") for h in range(run.num_hosts)]
     if not _wait_for(encoded, "the other hosts' videos", run, same_list):
         return _summary(markers, dict(info, status="waiting"))
-    all_markers = [m for p in encoded for m in shards_lib.read_json(p)["markers"]]
+    all_markers = [m for p in encoded for m in dataset_writer.read_json(p)["markers"]]
     table, index = global_table(all_markers)
     if not table:
         raise ValueError("no video could be prepared: "
@@ -328,26 +337,26 @@ def prepare(items: Sequence[VideoItem], opts: PrepareOptions, run: RunConfig, *,
     written = os.path.join(host_dir, "written.json")
     if not (os.path.exists(written) and same_list(written)):
         host_shards = write_stage(mine, ws, index, features, host_dir)
-        shards_lib.write_json(written, dict(list_digest=digest, shards=host_shards))
+        dataset_writer.write_json(written, dict(list_digest=digest, shards=host_shards))
     if run.host_index != 0:
         return _summary(markers, dict(info, status="host done"))
 
     written_all = [os.path.join(ws.host_dir(h), "written.json") for h in range(run.num_hosts)]
     if not _wait_for(written_all, "the other hosts' shards", run, same_list):
         return _summary(markers, dict(info, status="waiting"))
-    host_shards = [shards_lib.read_json(p)["shards"] for p in written_all]
-    sizes = shards_lib.merge_shards(run.output, run.name, host_shards,
+    host_shards = [dataset_writer.read_json(p)["shards"] for p in written_all]
+    sizes = dataset_writer.merge_shards(run.output, run.name, host_shards,
                                     [ws.host_dir(h) for h in range(run.num_hosts)])
     rows = [dataclasses.asdict(e) for e in table]
-    shards_lib.write_json(os.path.join(run.output, VIDEO_TABLE), rows)
-    shards_lib.write_dataset_info(
+    dataset_writer.write_json(os.path.join(run.output, VIDEO_TABLE), rows)
+    dataset_writer.write_dataset_info(
         run.output, name=run.name, features=features, sizes=sizes,
         metadata=dict(videos=rows, prepare=dict(options=dataclasses.asdict(opts), **dataset)),
         description=f"KeyFace frame records: one per {FPS} fps frame (keyface_jax.data.schema).")
     summary = _summary(all_markers, dict(info, status="done", output=run.output,
                                          splits={s: sum(n for n, _ in v)
                                                  for s, v in sizes.items()}))
-    shards_lib.write_json(os.path.join(run.output, "summary.json"), summary)
+    dataset_writer.write_json(os.path.join(run.output, "summary.json"), summary)
     return summary
 
 

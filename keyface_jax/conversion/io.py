@@ -21,6 +21,8 @@ import safetensors
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from keyface_jax.paths import as_path, is_url, local_copy, staged_output
+
 from .torch_pickle import CheckpointError, LazyTensor, Opaque, open_torch_checkpoint
 
 __all__ = [
@@ -50,6 +52,11 @@ def read_state_dict(path: str | os.PathLike, *,
     hyper-parameter objects) use non-allow-listed classes, without calling them.
     """
     src = os.fspath(path)
+    if is_url(src):   # gs://...: a file read through a local copy (folders are local only)
+        if not as_path(src).is_file():
+            raise CheckpointError(f"{src}: no such file (remote folders are not read: copy them)")
+        with local_copy(src) as local:
+            return read_state_dict(local, stub_unknown_globals=stub_unknown_globals)
     if not os.path.exists(src):
         raise CheckpointError(f"{src}: no such file or directory")
     if os.path.isdir(src):
@@ -132,7 +139,7 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The free-form ``__metadata__`` of a safetensors file ({} when absent)."""
     src = os.fspath(path)
     try:
-        with safe_open(src, framework="np") as f:
+        with local_copy(src) as local, safe_open(local, framework="np") as f:
             return dict(f.metadata() or {})
     except (safetensors.SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{src}: not a readable safetensors file: {e}") from e
@@ -205,18 +212,10 @@ def read_diffusers_folder(path: str | os.PathLike, subfolder: str | None = None,
     return config, state
 
 
-def _atomic_target(path: str) -> tuple[str, str]:
-    """(folder, temp name) next to ``path`` so that os.replace stays on one filesystem."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    return folder, os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-
-
 def write_safetensors(state_dict: Mapping[str, Any], path: str | os.PathLike,
                       metadata: Mapping[str, str] | None = None) -> None:
-    """Write arrays to a safetensors file atomically (temp file + os.replace).
-
-    Values may be numpy or jax arrays; dtypes (bf16 included) and shapes are kept.
+    """Write arrays to a safetensors file in one piece (a temporary file renamed, or uploaded
+    whole to gs://). Values may be numpy or jax arrays; dtypes (bf16 included) and shapes are kept.
     """
     dst = os.fspath(path)
     arrays: dict[str, np.ndarray] = {}
@@ -227,58 +226,62 @@ def write_safetensors(state_dict: Mapping[str, Any], path: str | os.PathLike,
     if metadata is not None and not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CheckpointError(f"{dst}: safetensors metadata must map str to str")
-    _, tmp = _atomic_target(dst)
     try:
-        save_file(arrays, tmp, metadata=dict(metadata) if metadata else None)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, os.stat(dst).st_mode & 0o7777 if os.path.exists(dst) else 0o644)
-        os.replace(tmp, dst)
+        with staged_output(dst) as tmp:
+            save_file(arrays, tmp, metadata=dict(metadata) if metadata else None)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
     except (safetensors.SafetensorError, ValueError, TypeError, OSError) as e:
         raise CheckpointError(f"{dst}: cannot write safetensors ({e})") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_orbax(path: str | os.PathLike, pytree: Any, *, only_this_process: bool = False) -> None:
-    """Save a pytree of arrays (nested dict, ``nnx.State``) as an orbax checkpoint.
-
-    Waits for completion. Writes to a sibling temp folder first and swaps it in,
-    so an existing checkpoint at ``path`` is replaced only by a complete one.
+    """Save a pytree of arrays (nested dict, ``nnx.State``) as an orbax checkpoint at a local
+    path or a gs:// URL, waiting for completion; an existing checkpoint at ``path`` is replaced
+    only by a complete one (locally: written beside it and swapped in; on GCS Orbax commits the
+    new one with its commit_success.txt marker, after removing the old one).
     ``only_this_process``: in a multi-process job, one process writes host (numpy) arrays
     alone, without the cross-process barriers orbax otherwise waits on.
     """
     import jax
     import orbax.checkpoint as ocp
 
-    dst = os.path.abspath(os.fspath(path))
-    folder, tmp = _atomic_target(dst)
-    old = os.path.join(folder, f".{os.path.basename(dst)}.old-{uuid.uuid4().hex}")
+    dst = as_path(path)
+    options = {}
+    if only_this_process:
+        me = jax.process_index()
+        options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me})
+    if is_url(dst):
+        try:
+            with ocp.StandardCheckpointer(**options) as ckptr:
+                ckptr.save(dst, pytree, force=True)
+                ckptr.wait_until_finished()
+        except (OSError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{dst}: cannot save orbax checkpoint ({e})") from e
+        return
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex}"
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        options = {}
-        if only_this_process:
-            me = jax.process_index()
-            options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
-                primary_host=me, active_processes={me})
         with ocp.StandardCheckpointer(**options) as ckptr:
             ckptr.save(tmp, pytree)
             ckptr.wait_until_finished()
-        if os.path.exists(dst):
+        if dst.exists():
             os.replace(dst, old)
         os.replace(tmp, dst)
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"{dst}: cannot save orbax checkpoint ({e})") from e
     finally:
         for leftover in (tmp, old):
-            if os.path.isdir(leftover):
+            if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
-            elif os.path.exists(leftover):
-                os.remove(leftover)
+            elif leftover.exists():
+                leftover.unlink()
 
 
 def restore_orbax(path: str | os.PathLike, abstract_pytree: Any = None) -> Any:
-    """Restore a checkpoint written by :func:`save_orbax`.
+    """Restore a checkpoint written by :func:`save_orbax` (local path or gs:// URL).
 
     With ``abstract_pytree`` (leaves ``jax.ShapeDtypeStruct``, optionally with
     ``sharding``) the result has that structure, dtypes and shardings; without it,
@@ -286,8 +289,8 @@ def restore_orbax(path: str | os.PathLike, abstract_pytree: Any = None) -> Any:
     """
     import orbax.checkpoint as ocp
 
-    src = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(src):
+    src = as_path(path)
+    if not src.is_dir():
         raise CheckpointError(f"{src}: no such orbax checkpoint directory")
     try:
         with ocp.StandardCheckpointer() as ckptr:

@@ -19,10 +19,10 @@ from typing import Iterable, Mapping
 import numpy as np
 from flax import nnx
 
-from keyface_jax.checkpoints.diffusers_unet import diffusers_unet_state_dict_to_sgm, unet_config_from_diffusers
-from keyface_jax.checkpoints.diffusers_vae import diffusers_vae_state_dict_to_sgm
-from keyface_jax.checkpoints.io import CheckpointError, read_diffusers_folder, read_state_dict
-from keyface_jax.checkpoints.nnx_torch import export_torch_state_dict, load_torch_state_dict
+from keyface_jax.conversion.diffusers_unet import diffusers_unet_state_dict_to_sgm, unet_config_from_diffusers
+from keyface_jax.conversion.diffusers_vae import diffusers_vae_state_dict_to_sgm
+from keyface_jax.conversion.io import CheckpointError, read_diffusers_folder, read_state_dict
+from keyface_jax.conversion.nnx_torch import export_torch_state_dict, load_torch_state_dict
 
 IGNORABLE_KEYS = ("loss_fn.lpips.*",)
 UNET_ROOT = "model.diffusion_model."
@@ -216,7 +216,7 @@ def fill_from_pure_dict(module, values: Mapping, source: str, item: str) -> nnx.
 def load_orbax_export(path, network, autoencoder=None) -> ImportReport:
     """Reads an Orbax export of `keyface_jax.convert` ({"network", "autoencoder"} parameter trees)
     into `network` (and `autoencoder` when given and present), with strict key/shape checks."""
-    from keyface_jax.checkpoints.io import restore_orbax
+    from keyface_jax.conversion.io import restore_orbax
 
     source = os.fspath(path)
     restored = restore_orbax(source)

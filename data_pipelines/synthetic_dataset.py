@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from keyface_jax.data import tfds_io
+from data_pipelines.dataset_writer import write_frame_dataset
 from keyface_jax.data.schema import FPS, TOKENS_PER_FRAME, VideoEntry
 
 
@@ -52,9 +52,9 @@ def write_synthetic_dataset(folder: str, lengths: Sequence[int], *, groups=None,
     """Writes videos of the given lengths (frames at 25 fps) into `folder`; returns the table."""
     videos = synthetic_videos(lengths, groups=groups, splits=splits, latent_shape=latent_shape,
                               audio_dim=audio_dim, frame_shape=frame_shape)
-    return tfds_io.write_frame_dataset(folder, videos, latent_shape=latent_shape,
-                                       audio_dim=audio_dim, frame_shape=frame_shape,
-                                       shard_records=shard_records, overwrite=True)
+    return write_frame_dataset(folder, videos, latent_shape=latent_shape,
+                               audio_dim=audio_dim, frame_shape=frame_shape,
+                               shard_records=shard_records, overwrite=True)
 
 
 def decode_latent(latent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
