@@ -14,7 +14,7 @@ from keyface_jax.audio.jax_encoders import EncoderRunner, bucket_samples        
 from keyface_jax.audio.transformer import relative_position_buckets             # noqa: E402
 from keyface_jax.audio.weights import (load_speech_encoder, rename,             # noqa: E402
                                        wavlm_renames, weight_norm_names)
-from keyface_jax.checkpoints.io import CheckpointError                            # noqa: E402
+from keyface_jax.conversion.io import CheckpointError                            # noqa: E402
 
 SPF = 640
 RTOL = 1e-5

@@ -21,7 +21,7 @@ from keyface_jax.audio.fbank import kaldi_fbank                                 
 from keyface_jax.audio.jax_encoders import EncoderRunner                          # noqa: E402
 from keyface_jax.audio.weights import (BEATS_RENAMES, load_beats, rename,         # noqa: E402
                                        weight_norm_names)
-from keyface_jax.checkpoints.io import CheckpointError                            # noqa: E402
+from keyface_jax.conversion.io import CheckpointError                            # noqa: E402
 
 SPF = 640
 D, E, H, FF, LAYERS, K, G, NB, MD = 32, 24, 2, 64, 2, 16, 4, 16, 64

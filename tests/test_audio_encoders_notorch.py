@@ -73,7 +73,7 @@ def _tiny_beats_file(path):
     from keyface_jax.audio.beats_model import abstract_beats
     from keyface_jax.audio.configs import beats_config_from_cfg
     from keyface_jax.audio.weights import BEATS_RENAMES, random_state, rename
-    from keyface_jax.checkpoints.nnx_torch import export_torch_state_dict
+    from keyface_jax.conversion.nnx_torch import export_torch_state_dict
     cfg = dict(input_patch_size=16, embed_dim=8, encoder_layers=1, encoder_embed_dim=16,
                encoder_ffn_embed_dim=32, encoder_attention_heads=2, conv_pos=8,
                conv_pos_groups=2, relative_position_embedding=True, num_buckets=8,

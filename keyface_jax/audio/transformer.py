@@ -20,7 +20,7 @@ masked as keys, so valid outputs equal those of the unpadded sequence. Long sequ
 attended in query blocks, so memory grows as L·block, not L².
 
 Parameters mirror the transformers module tree (`encoder.layers.3.attention.q_proj.kernel` ↔
-`encoder.layers.3.attention.q_proj.weight`), so `keyface_jax.checkpoints.nnx_torch` loads them.
+`encoder.layers.3.attention.q_proj.weight`), so `keyface_jax.conversion.nnx_torch` loads them.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Sources:
   the local cache also works;
 - Microsoft's original checkpoints, `torch.save({"cfg": {...}, "model": state_dict})`: WavLM
   (WavLM-Base+.pt, WavLM-Large.pt) and BEATs (BEATs_iter3_plus_AS2M*.pt), read by the restricted
-  unpickler of `keyface_jax.checkpoints.torch_pickle`.
+  unpickler of `keyface_jax.conversion.torch_pickle`.
 
 Key accounting is strict, as in the UNet importers: every parameter must be filled and every
 checkpoint tensor used, except the few that inference never reads (`IGNORED_*` below); shape
@@ -171,8 +171,8 @@ def _hub_folder(name: str) -> str | None:
 
 def read_original_checkpoint(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     """(`cfg` dict, state dict) of a Microsoft `{"cfg", "model"}` torch file."""
-    from keyface_jax.checkpoints.io import CheckpointError
-    from keyface_jax.checkpoints.torch_pickle import LazyTensor, open_torch_checkpoint
+    from keyface_jax.conversion.io import CheckpointError
+    from keyface_jax.conversion.torch_pickle import LazyTensor, open_torch_checkpoint
     with open_torch_checkpoint(path, stub_unknown_globals=True) as obj:
         if not (isinstance(obj, Mapping) and isinstance(obj.get("cfg"), Mapping)
                 and isinstance(obj.get("model"), Mapping)):
@@ -189,8 +189,8 @@ def read_original_checkpoint(path: str) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def _load(module, state: dict, source: str):
-    from keyface_jax.checkpoints.io import CheckpointError
-    from keyface_jax.checkpoints.nnx_torch import load_torch_state_dict
+    from keyface_jax.conversion.io import CheckpointError
+    from keyface_jax.conversion.nnx_torch import load_torch_state_dict
     try:
         load_torch_state_dict(module, fold_weight_norm(state))
     except ValueError as e:
@@ -214,7 +214,7 @@ def load_speech_encoder(source: str, dtype=None):
     """(SpeechEncoder with weights, SpeechConfig, normalize) from a transformers folder, a cached
     hub name or an original WavLM `.pt`. `normalize` is the input normalisation the checkpoint
     asks for: WavLM's cfg `normalize` / wav2vec2's (feature-extractor) `do_normalize`."""
-    from keyface_jax.checkpoints.io import CheckpointError, read_diffusers_folder
+    from keyface_jax.conversion.io import CheckpointError, read_diffusers_folder
     with local_path(source) as path:
         if not os.path.exists(path):
             hub = _hub_folder(source)
@@ -251,7 +251,7 @@ def _identity_projection(state: dict, cfg: SpeechConfig) -> dict:
 
 def load_beats(source: str, dtype=None):
     """(BEATs with weights, BEATsConfig) from an original BEATs `.pt` ({"cfg", "model"})."""
-    from keyface_jax.checkpoints.io import CheckpointError
+    from keyface_jax.conversion.io import CheckpointError
     with local_path(source) as path:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"BEATs checkpoint {source!r} does not exist")
