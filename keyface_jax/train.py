@@ -24,10 +24,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from keyface_jax import cpu_allocator
+from keyface_jax.activation_sharding import activation_sharding
 from keyface_jax.config_lib import dtypes, network_config
 from keyface_jax.diffusion.objective import ObjectiveConfig, lpips_for_objective
 from keyface_jax.models.build import abstract_network
 from keyface_jax.models.keyface import build_network
+from keyface_jax.sharding import rules_from_config
 from keyface_jax.training import batches as batch_lib
 from keyface_jax.training import distributed, initialization
 from keyface_jax.training.checkpointing import RunCheckpointer
@@ -105,7 +107,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> RunSummary:
     init_state = functools.partial(init_train_state, tx=tx, seed=config.seed, ema=with_ema)
     abstract_state = jax.eval_shape(init_state, abs_trainable, abs_frozen)
     try:
-        shardings = state_shardings(abstract_state, abs_trainable, abs_frozen, mesh)
+        shardings = state_shardings(abstract_state, abs_trainable, abs_frozen, mesh,
+                                    rules=rules_from_config(config.mesh))
     except ValueError as e:
         raise ValueError(f"the {net_cfg.kind} model cannot shard on mesh {dict(mesh.shape)}: {e}") from None
 
@@ -127,7 +130,9 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> RunSummary:
     step_fn = make_train_step(graphdef, objective, tx, schedule, accum_steps=config.optim.accum_steps,
                               ema_decay=config.optim.ema_decay, nan_policy=config.train.nan_policy,
                               aux_graphdefs={n: g for n, (g, _) in aux_modules.items()})
-    step = compile_step(step_fn, state, shardings, aux, data, mesh)
+    # Traced under the rules table: activations constrained at block boundaries (context/tensor axes).
+    with activation_sharding(mesh, rules_from_config(config.mesh)):
+        step = compile_step(step_fn, state, shardings, aux, data, mesh)
     previews = PreviewWriter(config, workdir, graphdef, step.first_batch, mesh, dtype)
     result = run_loop(step, state, aux, data, checkpoints, config.train, workdir, start=int(start),
                       desc=f"train {net_cfg.kind}", stop_after=stop_after,

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from keyface_jax.sharding import param_shardings
+from keyface_jax.sharding import DEFAULT_RULES, param_shardings
 from keyface_jax.training.trainable import is_trainable, param_name
 
 TrainState = dict  # {"step", "rng", "params", "frozen", "opt_state", "ema"}
@@ -61,14 +61,14 @@ def _suffix_lookup(table: dict[tuple, Any], path: tuple):
 
 
 def state_shardings(abstract_state: TrainState, abstract_trainable, abstract_frozen, mesh: Mesh,
-                    min_bytes: int | None = None) -> TrainState:
+                    min_bytes: int | None = None, rules=DEFAULT_RULES) -> TrainState:
     """NamedShardings for every leaf of a train state. Parameters follow their logical axis names;
     optimizer moments and EMA follow the parameter they mirror (matched by path suffix); scalars
     (step, counts, PRNG) are replicated. Raises (naming the parameter) if the mesh cannot shard it."""
     kwargs = {} if min_bytes is None else dict(min_bytes=min_bytes)
     table = {}
     for abstract in (abstract_trainable, abstract_frozen):
-        shardings = param_shardings(abstract, mesh, **kwargs)
+        shardings = param_shardings(abstract, mesh, rules, **kwargs)
         for path, leaf in jax.tree_util.tree_flatten_with_path(shardings)[0]:
             table[_path_key(path)] = leaf
     replicated = NamedSharding(mesh, PartitionSpec())
