@@ -117,6 +117,26 @@ def test_dispatch_runs_the_selected_backend():
         np.testing.assert_allclose(dot_product_attention(q, k, v, config), ref, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("backend", ["chunked", "splash"])
+def test_fused_backends_per_device_under_sharding(backend):
+    """Under an activation-sharding context the fused backends run per device (shard_map): batch
+    over fsdp, heads over tensor, queries over context, keys gathered; same values and gradients."""
+    from keyface_jax.activation_sharding import activation_sharding
+    from keyface_jax.sharding import make_mesh
+
+    q, k, v, w = _qkv(6, (2,), 16, 16, 2, 8)
+    config = AttentionConfig(backend, min_seq_length=0, chunk_size=4, interpret=True)
+    loss = lambda q, k, v: jnp.sum(w * dot_product_attention(q, k, v, config, ("act_batch", "act_tokens")))
+    expected = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    for shape in ({"context": 2, "tensor": 2}, {"fsdp": 2, "context": 2}):
+        with activation_sharding(make_mesh(shape)):
+            lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v)
+            got = lowered.compile()(q, k, v)
+        assert "shard_map" in lowered.as_text() or "manual" in lowered.as_text()
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(np.abs(b).max()))
+
+
 # ----------------------------------------------------------------------------- network parity
 
 

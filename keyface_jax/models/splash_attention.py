@@ -15,13 +15,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+from keyface_jax.models.chunked_attention import LSE_NAME
 
 LANES = 128          # TPU vector lane width: head dims and blocks are multiples of it
 MAX_BLOCK = 512      # query / key block (VMEM tiles of 512 × 128 bf16 = 128 KiB)
-# The kernel's saved log-sum-exp (what a remat policy keeps to skip re-running the forward kernel).
-RESIDUAL_NAME = "attention_lse"
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -35,6 +33,10 @@ def _block(padded_length: int) -> int:
 @functools.lru_cache(maxsize=64)
 def _kernel(heads: int, lq: int, lk: int, real_lk: int, interpret: bool):
     """A splash multi-head kernel for padded lengths (lq, lk) whose keys ≥ real_lk are masked."""
+    # Imported here: other platforms' JAX builds need not carry the TPU kernels.
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
     if real_lk == lk:
         mask = mask_lib.FullMask((lq, lk))
     else:
@@ -48,7 +50,7 @@ def _kernel(heads: int, lq: int, lk: int, real_lk: int, interpret: bool):
     with jax.ensure_compile_time_eval():
         return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([mask] * heads), block_sizes=sizes,
                                           head_shards=1, q_seq_shards=1, interpret=interpret,
-                                          residual_checkpoint_name=RESIDUAL_NAME)
+                                          residual_checkpoint_name=LSE_NAME)  # kept by remat policies
 
 
 def splash_attention(q, k, v, *, interpret: bool = False):
