@@ -41,7 +41,7 @@ def get_config(arg: str = "tiny"):
         lpips_weight=0.0,             # needs both LPIPS weight files (none ship offline)
         lpips_vgg_weights="", lpips_lin_weights="",
     ))
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.mesh = common.mesh_section(data=-1)
     config.train = ml_collections.ConfigDict(dict(
         batch_size=BATCH_SIZE[variant],
         steps=steps,

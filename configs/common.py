@@ -28,6 +28,37 @@ AUTOENCODER_VARIANTS = {
 }
 AUDIO_DIM = {"tiny": 32, "small": 1536, "full": 1536}
 
+# Logical axis name → mesh axes ("a,b" for several, "" replicated): the one rules table, read by
+# parameter shardings and activation constraints alike (keyface_jax/sharding.py). Copied into
+# `config.mesh.rules`, so single entries can be overridden: --config.mesh.rules.embed=fsdp,context.
+LOGICAL_AXIS_RULES = {
+    # parameters: the input/"embed" side and conv outputs FSDP-sharded, MLP and attention-head
+    # widths tensor-parallel; norms and small vectors replicated
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "conv_in": "",
+    "conv_out": "fsdp",
+    "norm": "",
+    # activations (block boundaries and attention inputs): clips over the data-parallel axes, a
+    # clip's spatial tokens (rows of its latent) over `context`, heads and MLP widths over `tensor`
+    "act_batch": "data,fsdp",
+    "act_frames": "",
+    "act_height": "context",
+    "act_width": "",
+    "act_tokens": "context",
+    "act_channels": "",
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
+}
+
+# Attention backends (keyface_jax/models/attention_backends.py): auto | xla | chunked | cudnn | splash.
+ATTENTION_DEFAULTS = dict(
+    attention="auto",
+    attention_min_seq_length=1024,   # shorter query or key sequences always use the plain `xla` form
+    attention_chunk_size=512,        # query/key block of the memory-efficient `chunked` form
+)
+
 
 def parse_arg(arg: str) -> dict:
     """'full,frames=14' → {'variant': 'full', 'frames': '14'} (big_vision-style config args)."""
@@ -65,10 +96,13 @@ def model_config(kind: str, variant: str) -> ml_collections.ConfigDict:
         audio_tokens_per_frame=2,
         latent_channels=4,
         latent_size=LATENT_SIZE[variant],
-        dtype="float32",
+        # full: bf16 compute on fp32 master weights, each UNet block rematerialised in the backward
+        # (keyface_jax/models/remat.py names the policies)
+        dtype="bfloat16" if variant == "full" else "float32",
         param_dtype="float32",
-        remat=False,
-        remat_policy="",
+        remat=variant == "full",
+        remat_policy="block" if variant == "full" else "",
+        **ATTENTION_DEFAULTS,
     ))
 
 
@@ -79,7 +113,19 @@ def autoencoder_section(variant: str) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(AUTOENCODER_VARIANTS)}")
     return ml_collections.ConfigDict(dict(
         AUTOENCODER_VARIANTS[variant], in_channels=3, out_channels=3, latent_channels=4,
-        use_quant_conv=True, image_size=8 * LATENT_SIZE[variant]))
+        use_quant_conv=True, image_size=8 * LATENT_SIZE[variant],
+        attention="auto"))             # backend of the mid-block attention (one head, wide)
+
+
+def mesh_section(**sizes) -> ml_collections.ConfigDict:
+    """The `mesh` section: per-slice axis sizes (one may be -1: the devices left over), sizes across
+    slices (`dcn`, multi-slice jobs) and the logical axis rules."""
+    axes = dict(data=1, fsdp=1, context=1, tensor=1)
+    unknown = set(sizes) - set(axes)
+    if unknown:
+        raise ValueError(f"mesh_section: unknown mesh axes {sorted(unknown)}")
+    return ml_collections.ConfigDict(dict(
+        axes, **sizes, dcn=dict(axes), rules=dict(LOGICAL_AXIS_RULES)))
 
 
 def base_config(kind: str, arg: str) -> ml_collections.ConfigDict:
@@ -125,7 +171,7 @@ def add_training_sections(config, kind: str, variant: str) -> None:
     ))
     config.trainable = ml_collections.ConfigDict(dict(
         preset="reference" if variant == "full" else "all", freeze=(), unfreeze=()))
-    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    config.mesh = mesh_section(fsdp=-1)
     config.train = ml_collections.ConfigDict(dict(
         batch_size=BATCH_SIZE[variant],
         steps=config.optim.total_steps,

@@ -8,6 +8,7 @@ import sys
 
 import jax.numpy as jnp
 
+from keyface_jax.models.attention_backends import AttentionConfig
 from keyface_jax.models.autoencoder import VAEConfig
 from keyface_jax.models.keyface import KeyFaceConfig
 from keyface_jax.models.unet import UNetConfig
@@ -25,6 +26,7 @@ def network_config(model_cfg) -> KeyFaceConfig:
     unet.setdefault("up_resnet_eps", (1e-5,) * levels)
     unet["remat"] = bool(model_cfg.get("remat", False))
     unet["remat_policy"] = model_cfg.get("remat_policy") or None
+    unet["attention"] = attention_config(model_cfg, "config.model")
     try:
         unet_cfg = UNetConfig(**unet)
     except TypeError as e:
@@ -32,6 +34,18 @@ def network_config(model_cfg) -> KeyFaceConfig:
     return KeyFaceConfig(kind=model_cfg.kind, unet=unet_cfg, audio_dim=model_cfg.audio_dim,
                          audio_tokens_per_frame=model_cfg.audio_tokens_per_frame,
                          latent_channels=model_cfg.latent_channels, latent_size=model_cfg.latent_size)
+
+
+def attention_config(section, where: str) -> AttentionConfig:
+    """`attention` (+ `attention_min_seq_length`, `attention_chunk_size`) of a config section."""
+    defaults = AttentionConfig()
+    try:
+        return AttentionConfig(
+            backend=section.get("attention", defaults.backend),
+            min_seq_length=int(section.get("attention_min_seq_length", defaults.min_seq_length)),
+            chunk_size=int(section.get("attention_chunk_size", defaults.chunk_size)))
+    except ValueError as e:
+        raise ValueError(f"{where}.attention: {e}") from None
 
 
 def dtypes(model_cfg):
@@ -48,7 +62,8 @@ def autoencoder_config(ae_cfg, *, use_encoder: bool = True, dtype=None) -> VAECo
     return VAEConfig(in_channels=ae_cfg.in_channels, out_channels=ae_cfg.out_channels,
                      block_out_channels=tuple(ae_cfg.block_out_channels),
                      layers_per_block=ae_cfg.layers_per_block, latent_channels=ae_cfg.latent_channels,
-                     use_quant_conv=ae_cfg.use_quant_conv, use_encoder=use_encoder, dtype=dtype)
+                     use_quant_conv=ae_cfg.use_quant_conv, use_encoder=use_encoder, dtype=dtype,
+                     attention=attention_config(ae_cfg, "config.autoencoder"))
 
 
 def load_config(spec: str):

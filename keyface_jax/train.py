@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from keyface_jax import console, cpu_allocator
+from keyface_jax.activation_sharding import activation_sharding
 from keyface_jax.config_lib import dtypes, network_config
 from keyface_jax.diffusion.objective import ObjectiveConfig, lpips_for_objective
 from keyface_jax.models.build import abstract_network
@@ -39,6 +40,7 @@ from keyface_jax.conversion.io import CheckpointError
 from keyface_jax.paths import as_path
 from keyface_jax.training.loop import (RunSummary, already_done, compile_step, mesh_from_config,
                                        run_loop, summarize)
+from keyface_jax.sharding import rules_from_config
 from keyface_jax.training.optimizer import make_optimizer
 from keyface_jax.training.previews import PreviewWriter
 from keyface_jax.training.resume import start_or_resume
@@ -114,7 +116,9 @@ def train(config, workdir, *, stop_after: int | None = None) -> RunSummary:
     step_fn = make_train_step(graphdef, objective, tx, schedule, accum_steps=config.optim.accum_steps,
                               ema_decay=config.optim.ema_decay, nan_policy=config.train.nan_policy,
                               aux_graphdefs={n: g for n, (g, _) in aux_modules.items()})
-    step = compile_step(step_fn, run.state, run.shardings, aux, data, mesh)
+    # Traced under the rules table: activations constrained at block boundaries (context/tensor axes).
+    with activation_sharding(mesh, rules_from_config(config.mesh)):
+        step = compile_step(step_fn, run.state, run.shardings, aux, data, mesh)
     previews = PreviewWriter(config, workdir, graphdef, step.first_batch, mesh, dtype)
     result = run_loop(step, run.state, aux, data, run.checkpoints, config.train, workdir,
                       start=run.start, desc=f"train {net_cfg.kind}", stop_after=stop_after,

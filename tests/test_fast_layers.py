@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from keyface_jax.models.attention import GEGLU, dot_product_attention, gelu, softmax
+from keyface_jax.models.attention import GEGLU, gelu
+from keyface_jax.models.attention_backends import dot_product_attention, softmax
 from keyface_jax.models.layers import Conv, dense
 
 TOL = dict(rtol=1e-5, atol=1e-6)

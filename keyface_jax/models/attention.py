@@ -1,52 +1,23 @@
-"""Multi-head attention and the GEGLU feed-forward of the SVD transformers (sgm naming)."""
+"""Multi-head attention and the GEGLU feed-forward of the SVD transformers (sgm naming).
+
+The attention op itself (backends: materialised XLA, chunked, cuDNN, TPU splash) is
+`keyface_jax.models.attention_backends.dot_product_attention`.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from keyface_jax import activation_sharding as act
+from keyface_jax.models.attention_backends import DEFAULT, AttentionConfig, dot_product_attention
+from keyface_jax.models.chunked_attention import OUTPUT_NAME
 from keyface_jax.models.layers import Identity, Linear, dense
-
-
-@jax.custom_jvp
-def softmax(x):
-    """Softmax over the last axis, computed exactly as `jax.nn.softmax` (max-shifted exp over its
-    sum), with the closed-form derivative y·(ẋ − Σ y·ẋ) (jax's `jax_softmax_custom_jvp` rule):
-    the backward pass then needs only y, not the exp/sum/division chain of plain autodiff."""
-    unnormalized = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
-    return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
-
-
-@softmax.defjvp
-def _softmax_jvp(primals, tangents):
-    (x,), (x_dot,) = primals, tangents
-    y = softmax(x)
-    return y, y * (x_dot - jnp.sum(y * x_dot, axis=-1, keepdims=True))
-
-
-def dot_product_attention(q, k, v):
-    """q [N, Lq, H, D], k/v [N, Lk, H, D] → [N, Lq, H, D]; softmax(q·kᵀ/√D)·v.
-
-    The forward pass is op for op `jax.nn.dot_product_attention`'s XLA implementation (the only
-    one it selects by default): logits in float32, scaled by 1/√D, softmax in float32, cast to
-    k's dtype, weighted sum of v. It is written out so that the softmax uses the closed-form
-    derivative above and the einsums carry no vmap over head groups, whose transposed layouts and
-    exp/sum/division backward cost ~7 % of a CPU training step.
-    """
-    if q.dtype == jnp.bfloat16:
-        precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32
-    elif q.dtype == jnp.float16:
-        precision = jax.lax.DotAlgorithmPreset.F16_F16_F32
-    else:
-        precision = None
-    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, precision=precision,
-                        preferred_element_type=jnp.float32)
-    logits = logits * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), logits.dtype)
-    probs = softmax(logits.astype(jnp.float32)).astype(k.dtype)
-    return jnp.einsum("nhqk,nkhd->nqhd", probs, v)
 
 
 class CrossAttention(nnx.Module):
@@ -54,26 +25,42 @@ class CrossAttention(nnx.Module):
 
     Self-attention when `context` is None. Queries and context may have different batch-folding as
     long as their leading dims agree: callers fold frames (or pixels) into the query length when
-    every frame attends to the same context, so k/v are computed once per clip, not per frame.
+    every frame attends to the same context, so k/v are computed once per clip, not per frame
+    (or pass `context_repeats` = frames per clip: the clip's k/v are then repeated per frame).
     """
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None, *,
-                 rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+                 rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+                 attention: AttentionConfig = DEFAULT):
         inner = heads * dim_head
         context_dim = context_dim or query_dim
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.heads, self.dim_head = heads, dim_head
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, num_heads=heads)
+        self.heads, self.dim_head, self.attention = heads, dim_head, attention
         self.to_q = Linear(query_dim, inner, use_bias=False, axes=("embed", "heads"), **kw)
         self.to_k = Linear(context_dim, inner, use_bias=False, axes=("embed", "heads"), **kw)
         self.to_v = Linear(context_dim, inner, use_bias=False, axes=("embed", "heads"), **kw)
         self.to_out = nnx.List([Linear(inner, query_dim, axes=("heads", "embed"), **kw), Identity()])
 
-    def __call__(self, x, context=None):
-        """x [N, L, Cq], context [N, S, Cc] (or None) → [N, L, Cq]."""
+    def __call__(self, x, context=None, *, names: Sequence[str | None] | None = None,
+                 context_repeats: int = 1):
+        """x [..., L, Cq], context [..., S, Cc] (or None) → [..., L, Cq]. `names`: logical names of
+        x's leading and length dims (activation sharding); `context_repeats`: x's first dim is the
+        context's times this (k/v repeated to match)."""
         context = x if context is None else context
+        tensor = act.axis_size("act_heads")
+        if self.heads % tensor:
+            raise ValueError(f"CrossAttention ({self.heads} heads × {self.dim_head}): the heads do not "
+                             f"split over the {tensor} devices of the 'act_heads' rule; tensor "
+                             "parallelism needs heads % tensor == 0")
         split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.dim_head)
         q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype))
+        if context_repeats > 1:
+            k, v = (jnp.repeat(t, context_repeats, axis=0) for t in (k, v))
+        if names is not None:  # heads split over `tensor`; keys whole along their length
+            q = act.constrain(q, (*names, "act_heads", None))
+            k, v = (act.constrain(t, (*names[:-1], None, "act_heads", None)) for t in (k, v))
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), self.attention, names)
+        out = checkpoint_name(out, OUTPUT_NAME)
         out = out.reshape(*out.shape[:-2], self.heads * self.dim_head)
         return self.to_out[0](out)
 
@@ -91,10 +78,20 @@ class GEGLU(nnx.Module):
         p = self.proj
         dtype = p.dtype or x.dtype
         kernel, bias = p.kernel[...].astype(dtype), p.bias[...].astype(dtype)
-        half = kernel.shape[-1] // 2
         x = x.astype(dtype)
-        hidden = dense(x, kernel[:, :half], bias[:half])
-        gate = dense(x, kernel[:, half:], bias[half:])
+        if act.axis_size("act_mlp") > 1:
+            # Tensor parallel: the stored [in, 2·inner] kernel is split over devices in contiguous
+            # column blocks (with 2 devices: one holds the hidden half, the other the gate half).
+            # Viewed as [in, 2, inner] and laid out along `inner`, every device holds matching
+            # hidden and gate columns, and hidden · GELU(gate) needs no communication. The stored
+            # layout (and so every checkpoint) is unchanged.
+            kernel = act.constrain(kernel.reshape(kernel.shape[0], 2, -1), (act.ANY, None, "act_mlp"))
+            bias = act.constrain(bias.reshape(2, -1), (None, "act_mlp"))
+            hidden, gate = dense(x, kernel[:, 0], bias[0]), dense(x, kernel[:, 1], bias[1])
+        else:
+            half = kernel.shape[-1] // 2
+            hidden = dense(x, kernel[:, :half], bias[:half])
+            gate = dense(x, kernel[:, half:], bias[half:])
         return hidden * gelu(gate)
 
 

@@ -3,7 +3,7 @@
 The attribute tree mirrors sgm's state-dict names exactly (`encoder.down.0.block.1.norm1`,
 `decoder.up.2.block.0.time_stack.in_layers.0`, `decoder.conv_out.time_mix_conv`, ...), so a generic
 importer maps an NNX path to the sgm key by joining it with '.' and renaming `kernel`/`scale` to
-`weight` (see `keyface_jax.checkpoints.nnx_torch`).
+`weight` (see `keyface_jax.conversion.nnx_torch`).
 
 Layouts are channels-last: frames [N, H, W, C]; the decoder folds clips into the batch
 ([B*T, h, w, C]) and unfolds them ([B, T, h, w, C]) around its temporal layers.
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from keyface_jax.models.attention_backends import DEFAULT, AttentionConfig, dot_product_attention
 from keyface_jax.models.layers import (Conv, GroupNorm, Identity, SiLU, logical_param, run_sequence)
 
 # The latent scaling of SD/SVD (diffusers `scaling_factor`, sgm `scale_factor`): the one place it lives.
@@ -54,6 +55,7 @@ class VAEConfig:
     norm_groups: int = 32
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    attention: AttentionConfig = DEFAULT   # backend of the mid-block attention
 
     @classmethod
     def from_sgm(cls, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int,
@@ -146,8 +148,9 @@ class AttnBlock(nnx.Module):
     q/k/v/proj_out as 1x1 convs (as sgm stores them) and a residual connection."""
 
     def __init__(self, channels: int, *, groups: int = 32, rngs: nnx.Rngs, dtype=None,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, attention: AttentionConfig = DEFAULT):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.attention = attention
         self.norm = GroupNorm(channels, num_groups=groups, eps=1e-6, **kw)
         self.q = Conv(channels, channels, (1, 1), rngs=rngs, **kw)
         self.k = Conv(channels, channels, (1, 1), rngs=rngs, **kw)
@@ -157,12 +160,11 @@ class AttnBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         n, h, w, c = x.shape
         y = self.norm(x)
-        q, k, v = (m(y).reshape(n, h * w, c) for m in (self.q, self.k, self.v))
-        # Logits and softmax in float32 whatever the compute dtype (sequences are long: 64*64).
-        logits = jnp.einsum("nqc,nkc->nqk", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("nqk,nkc->nqc", probs, v).reshape(n, h, w, c)
-        out = self.proj_out(out)
+        # One head of width c; the shared attention op (logits and softmax in float32 whatever the
+        # compute dtype; long sequences, 64·64 at 512 px, take the memory-efficient backends).
+        q, k, v = (m(y).reshape(n, h * w, 1, c) for m in (self.q, self.k, self.v))
+        out = dot_product_attention(q, k, v, self.attention, ("act_batch", "act_tokens"))
+        out = self.proj_out(out.reshape(n, h, w, c))
         return x.astype(out.dtype) + out
 
 
@@ -222,7 +224,7 @@ class Encoder(nnx.Module):
         self.down = nnx.List(levels)
         self.mid = Namespace(
             block_1=ResnetBlock(block_in, block_in, groups=g, rngs=rngs, **kw),
-            attn_1=AttnBlock(block_in, groups=g, rngs=rngs, **kw),
+            attn_1=AttnBlock(block_in, groups=g, rngs=rngs, attention=cfg.attention, **kw),
             block_2=ResnetBlock(block_in, block_in, groups=g, rngs=rngs, **kw))
         self.norm_out = GroupNorm(block_in, num_groups=g, eps=1e-6, **kw)
         self.conv_out = Conv(block_in, 2 * cfg.latent_channels, (3, 3), rngs=rngs, **kw)
@@ -251,7 +253,8 @@ class VideoDecoder(nnx.Module):
         video_block = lambda cin, cout: VideoResBlock(cin, cout, video_kernel_size=vk, groups=g,
                                                       rngs=rngs, **kw)
         self.mid = Namespace(block_1=video_block(block_in, block_in),
-                             attn_1=AttnBlock(block_in, groups=g, rngs=rngs, **kw),
+                             attn_1=AttnBlock(block_in, groups=g, rngs=rngs, attention=cfg.attention,
+                                              **kw),
                              block_2=video_block(block_in, block_in))
         levels = [None] * len(chans)
         for i in reversed(range(len(chans))):

@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from keyface_jax import activation_sharding as act
+from keyface_jax.models.row_split_conv import row_split_conv
+
 Axes = tuple[str | None, ...]
 
 
@@ -38,11 +41,13 @@ def _next_key(rngs: nnx.Rngs) -> jax.Array:
     return jax.random.fold_in(stream[0], stream[1])
 
 
-def logical_param(rngs: nnx.Rngs | None, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.Param:
-    """A parameter with logical axis names; `rngs=None` initialises deterministically (zeros/ones inits)."""
+def logical_param(rngs: nnx.Rngs | None, init, shape: Sequence[int], dtype, axes: Axes,
+                  **metadata) -> nnx.Param:
+    """A parameter with logical axis names; `rngs=None` initialises deterministically (zeros/ones
+    inits). Extra `metadata` (e.g. `num_heads` of an attention projection) rides along for checks."""
     key = _next_key(rngs) if rngs is not None else jax.random.key(0)
     value = init(key, tuple(shape), dtype)
-    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False, **metadata)
 
 
 def _cast(x, dtype):
@@ -63,13 +68,15 @@ class SiLU(nnx.Module):
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel + bias; kernel is (in, out)."""
+    """y = x @ kernel + bias; kernel is (in, out). `num_heads`: the attention heads an (embed,
+    heads) / (heads, embed) kernel holds, checked against the mesh by `sharding.param_shardings`."""
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, use_bias: bool = True,
                  axes: Axes = ("embed", "mlp"), zero_init: bool = False,
-                 dtype=None, param_dtype=jnp.float32):
+                 dtype=None, param_dtype=jnp.float32, num_heads: int | None = None):
         kinit = nnx.initializers.zeros if zero_init else nnx.initializers.lecun_normal()
-        self.kernel = logical_param(rngs, kinit, (in_features, out_features), param_dtype, axes)
+        meta = {} if num_heads is None else dict(num_heads=num_heads)
+        self.kernel = logical_param(rngs, kinit, (in_features, out_features), param_dtype, axes, **meta)
         self.bias = (logical_param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, (axes[1],))
                      if use_bias else None)
         self.dtype = dtype
@@ -86,7 +93,12 @@ def dense(x, kernel, bias=None):
     Same products and sums as `jnp.dot` on the N-d array; the 2-D form matters for the backward
     pass on XLA:CPU, which lowers the kernel gradient of an N-d dot (a contraction over all the
     leading dims) to transposed copies of the activations plus its slow generic dot, while the 2-D
-    form gives one canonical GEMM (≈ 20 % of a CPU training step; no effect on accelerators)."""
+    form gives one canonical GEMM (≈ 20 % of a CPU training step; no effect on accelerators).
+    When a clip's tokens are split over devices (`context` axis) the leading dims stay apart: their
+    fold would not be a tiling of the folded dim, and the partitioner would gather x to make it."""
+    if act.tokens_sharded():
+        y = jnp.einsum("...i,io->...o", x, kernel)
+        return y if bias is None else y + bias
     lead = x.shape[:-1]
     y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
     y = y.reshape(*lead, kernel.shape[-1])
@@ -115,7 +127,12 @@ class Conv(nnx.Module):
     def __call__(self, x):
         dtype = self.dtype or x.dtype
         x, kernel = _cast(x, dtype), self.kernel[...].astype(dtype)
-        if self._is_temporal_only():
+        ctx = act.current()
+        split = (ctx is not None and kernel.ndim == 4 and
+                 row_split_conv(ctx, x, kernel, self.strides, self.padding))
+        if split is not None and split is not False:
+            y = split
+        elif self._is_temporal_only():
             y = self._temporal_as_2d(x, kernel)
         else:
             nd = kernel.ndim - 2

@@ -1,11 +1,18 @@
-"""SpatialVideoTransformer: a spatial transformer per frame, a temporal one per pixel, α-merged."""
+"""SpatialVideoTransformer: a spatial transformer per frame, a temporal one per pixel, α-merged.
+
+Under activation sharding with a clip's tokens split over devices (`context` axis), the blocks keep
+the token dim apart wherever the single-device form folds it with another dim (see
+`activation_sharding.tokens_sharded`); both forms compute the same products and sums.
+"""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import nnx
 
+from keyface_jax import activation_sharding as act
 from keyface_jax.models.attention import CrossAttention, FeedForward
+from keyface_jax.models.attention_backends import DEFAULT, AttentionConfig
 from keyface_jax.models.layers import GroupNorm, LayerNorm, Linear, mlp_embedding, timestep_embedding
 from keyface_jax.models.resnet import AlphaBlender
 
@@ -14,20 +21,24 @@ class BasicTransformerBlock(nnx.Module):
     """Self-attention, cross-attention over the context, GEGLU feed-forward; pre-LN residuals."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, *, rngs, dtype=None,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, attention: AttentionConfig = DEFAULT):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.attn1 = CrossAttention(dim, heads, dim_head, **kw)
+        self.attn1 = CrossAttention(dim, heads, dim_head, attention=attention, **kw)
         self.ff = FeedForward(dim, **kw)
-        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim, **kw)
+        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim, attention=attention, **kw)
         self.norm1, self.norm2, self.norm3 = (LayerNorm(dim, **kw) for _ in range(3))
 
     def __call__(self, x, context):
         """x [B, T, L, C] (frames of a clip), context [B, S, Cc] shared by the clip's frames."""
         b, t, l, c = x.shape
-        x = self.attn1(self.norm1(x).reshape(b * t, l, c)).reshape(x.shape) + x
-        # Every frame attends to the same clip context: fold frames into the query length.
-        x = self.attn2(self.norm2(x).reshape(b, t * l, c), context).reshape(x.shape) + x
-        return self.ff(self.norm3(x)) + x
+        frames = ("act_batch", "act_tokens")  # [B·T, L]
+        x = self.attn1(self.norm1(x).reshape(b * t, l, c), names=frames).reshape(x.shape) + x
+        if act.tokens_sharded():  # per frame, the clip's k/v repeated for each of its frames
+            y = self.attn2(self.norm2(x).reshape(b * t, l, c), context, names=frames, context_repeats=t)
+        else:  # every frame attends to the same clip context: fold frames into the query length
+            y = self.attn2(self.norm2(x).reshape(b, t * l, c), context, names=("act_batch", None))
+        x = y.reshape(x.shape) + x
+        return act.constrain(self.ff(self.norm3(x)) + x, act.TOKENS)
 
 
 class VideoTransformerBlock(nnx.Module):
@@ -35,23 +46,29 @@ class VideoTransformerBlock(nnx.Module):
     self-attention, cross-attention over the clip context, feed-forward; all residual."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, *, rngs, dtype=None,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, attention: AttentionConfig = DEFAULT):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm_in = LayerNorm(dim, **kw)
         self.ff_in = FeedForward(dim, dim, **kw)
-        self.attn1 = CrossAttention(dim, heads, dim_head, **kw)
+        self.attn1 = CrossAttention(dim, heads, dim_head, attention=attention, **kw)
         self.ff = FeedForward(dim, dim, **kw)
-        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim, **kw)
+        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim, attention=attention, **kw)
         self.norm1, self.norm2, self.norm3 = (LayerNorm(dim, **kw) for _ in range(3))
 
     def __call__(self, x, context):
         """x [B, L, T, C] (pixels × frames), context [B, S, Cc] → [B, L, T, C]."""
         b, l, t, c = x.shape
         x = self.ff_in(self.norm_in(x)) + x
-        x = self.attn1(self.norm1(x).reshape(b * l, t, c)).reshape(x.shape) + x
-        # The reference repeats the first frame's context over all pixels: fold pixels into queries.
-        x = self.attn2(self.norm2(x).reshape(b, l * t, c), context).reshape(x.shape) + x
-        return self.ff(self.norm3(x)) + x
+        if act.tokens_sharded():  # pixels stay a dim of their own: [B, L, T]
+            y = self.attn1(self.norm1(x), names=("act_batch", "act_tokens", None))
+        else:
+            y = self.attn1(self.norm1(x).reshape(b * l, t, c), names=("act_batch", None))
+        x = y.reshape(x.shape) + x
+        # The reference repeats the first frame's context over all pixels: fold pixels into queries
+        # (pixel-major, so a split of the pixels is a split of the folded length).
+        x = self.attn2(self.norm2(x).reshape(b, l * t, c), context,
+                       names=("act_batch", "act_tokens")).reshape(x.shape) + x
+        return act.constrain(self.ff(self.norm3(x)) + x, act.PIXEL_TOKENS)
 
 
 class SpatialVideoTransformer(nnx.Module):
@@ -59,7 +76,8 @@ class SpatialVideoTransformer(nnx.Module):
     α-merge → proj_out (zero-init) + residual. x [B, T, H, W, C] → same shape."""
 
     def __init__(self, channels: int, heads: int, depth: int, context_dim: int, *,
-                 merge_factor: float = 0.5, rngs, dtype=None, param_dtype=jnp.float32):
+                 merge_factor: float = 0.5, rngs, dtype=None, param_dtype=jnp.float32,
+                 attention: AttentionConfig = DEFAULT):
         if channels % heads:
             raise ValueError(f"SpatialVideoTransformer: {channels} channels do not split into {heads} heads")
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -67,10 +85,11 @@ class SpatialVideoTransformer(nnx.Module):
         self.channels = channels
         self.norm = GroupNorm(channels, eps=1e-6, **kw)
         self.proj_in = Linear(channels, channels, **kw)
+        blocks = dict(attention=attention, **kw)
         self.transformer_blocks = nnx.List(
-            [BasicTransformerBlock(channels, heads, dim_head, context_dim, **kw) for _ in range(depth)])
+            [BasicTransformerBlock(channels, heads, dim_head, context_dim, **blocks) for _ in range(depth)])
         self.time_stack = nnx.List(
-            [VideoTransformerBlock(channels, heads, dim_head, context_dim, **kw) for _ in range(depth)])
+            [VideoTransformerBlock(channels, heads, dim_head, context_dim, **blocks) for _ in range(depth)])
         self.time_pos_embed = mlp_embedding(channels, 4 * channels, channels, **kw)
         self.time_mixer = AlphaBlender(merge_factor, param_dtype=param_dtype)
         self.proj_out = Linear(channels, channels, zero_init=True, **kw)

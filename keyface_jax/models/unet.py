@@ -7,13 +7,14 @@ output_blocks, time_embed, label_emb, out), so checkpoint import is a leaf renam
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from keyface_jax import activation_sharding as act
+from keyface_jax.models.attention_backends import AttentionConfig
 from keyface_jax.models.layers import Conv, GroupNorm, SiLU, mlp_embedding, timestep_embedding
+from keyface_jax.models.remat import remat_policy
 from keyface_jax.models.resnet import Downsample, Upsample, VideoResBlock
 from keyface_jax.models.transformer import SpatialVideoTransformer
 
@@ -42,9 +43,11 @@ class UNetConfig:
     out_norm_eps: float = 1e-5
     merge_factor: float = 0.5
     remat: bool = False               # rematerialise each block in the backward pass
-    remat_policy: str | None = None   # name in jax.checkpoint_policies, e.g. "dots_saveable"
+    remat_policy: str | None = None   # a name of models/remat.py (None: "block"), or jax.checkpoint_policies
+    attention: AttentionConfig = AttentionConfig()   # backend of every attention (attention_backends.py)
 
     def __post_init__(self):
+        remat_policy(self.remat, self.remat_policy)  # unknown policy names fail here
         n = len(self.block_out_channels)
         for name in ("layers_per_block", "down_attention", "up_attention", "num_heads",
                      "transformer_depth", "down_resnet_eps", "up_resnet_eps"):
@@ -61,10 +64,6 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.block_out_channels[0]
-
-
-def _remat_policy(name):
-    return None if name is None else getattr(jax.checkpoint_policies, name)
 
 
 class VideoUNet(nnx.Module):
@@ -85,7 +84,8 @@ class VideoUNet(nnx.Module):
 
         def attention(ch, heads, depth):
             return SpatialVideoTransformer(ch, heads, depth, config.context_dim,
-                                           merge_factor=config.merge_factor, **kw)
+                                           merge_factor=config.merge_factor,
+                                           attention=config.attention, **kw)
 
         blocks = [nnx.List([Conv(config.in_channels, chans[0], (3, 3), **kw)])]
         skip_chans, ch = [chans[0]], chans[0]
@@ -135,10 +135,12 @@ class VideoUNet(nnx.Module):
                     flat = h.reshape(b * t, *h.shape[2:])
                     flat = layer(flat, out_size) if isinstance(layer, Upsample) else layer(flat)
                     h = flat.reshape(b, t, *flat.shape[1:])
+                h = act.constrain(h, act.VIDEO)  # block boundary: [B, T, H, W, C]
             return h
 
-        if self.config.remat:
-            run = nnx.remat(run, policy=_remat_policy(self.config.remat_policy))
+        enabled, policy = remat_policy(self.config.remat, self.config.remat_policy)
+        if enabled:
+            run = nnx.remat(run, policy=policy)
         return run(block, h, emb, context)
 
     def __call__(self, x, c_noise, context, y=None):

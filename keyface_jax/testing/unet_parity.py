@@ -31,12 +31,21 @@ def _unet_inputs(cfg: dict, rng: np.random.Generator, batch: int = 2):
     )
 
 
-def check_unet_against_diffusers(diffusers_config: dict, seed: int) -> float:
+def check_unet_against_diffusers(diffusers_config: dict, seed: int, attention=None) -> float:
     """Relative max error of our VideoUNet vs diffusers' UNetSpatioTemporalConditionModel.
 
     diffusers' `added_time_ids` path (sinusoid per id, flattened, `add_embedding`) is fed to our
-    network as the label_emb input y = flatten(sinusoid(added_time_ids)).
+    network as the label_emb input y = flatten(sinusoid(added_time_ids)). `attention`: an
+    AttentionConfig for every attention of our network (default: the config's, `auto`).
     """
+    return unet_errors_by_attention(diffusers_config, seed, {"": attention})[""]
+
+
+def unet_errors_by_attention(diffusers_config: dict, seed: int, attentions: dict) -> dict[str, float]:
+    """`check_unet_against_diffusers` for several attention configs ({label: AttentionConfig or
+    None}) against one reference run: {label: relative max error}."""
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
     import torch
@@ -55,21 +64,25 @@ def check_unet_against_diffusers(diffusers_config: dict, seed: int) -> float:
     full_cfg = dict(ref_model.config)
     config = unet_config_from_diffusers(full_cfg)
     sgm_sd = diffusers_unet_state_dict_to_sgm(torch_state_dict_numpy(ref_model), config)
-    model = nnx.eval_shape(lambda: VideoUNet(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-    state = load_torch_state_dict(state, sgm_sd)
-
     inputs = {k: v.astype(np.float32) for k, v in _unet_inputs(full_cfg, np.random.default_rng(seed)).items()}
     with torch.no_grad():
         ref = ref_model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).sample.numpy()
-
     y = timestep_embedding(jnp.asarray(inputs["added_time_ids"]), full_cfg["addition_time_embed_dim"])
-    y = y.reshape(y.shape[0], -1)
+    args = (jnp.asarray(inputs["sample"].transpose(0, 1, 3, 4, 2)), jnp.asarray(inputs["timestep"]),
+            jnp.asarray(inputs["encoder_hidden_states"]), y.reshape(y.shape[0], -1))
 
-    @jax.jit
-    def forward(state, x, t, ctx, y):
-        return nnx.merge(graphdef, state)(x, t, ctx, y)
+    errors = {}
+    for label, attention in attentions.items():
+        ours = config if attention is None else dataclasses.replace(config, attention=attention)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: VideoUNet(ours, rngs=nnx.Rngs(0))))
+        state = load_torch_state_dict(state, sgm_sd)
+        out = jax.jit(_apply_module, static_argnums=0)(graphdef, state, *args)
+        errors[label] = relative_error(np.asarray(out).transpose(0, 1, 4, 2, 3), ref)
+    return errors
 
-    out = forward(state, jnp.asarray(inputs["sample"].transpose(0, 1, 3, 4, 2)),
-                  jnp.asarray(inputs["timestep"]), jnp.asarray(inputs["encoder_hidden_states"]), y)
-    return relative_error(np.asarray(out).transpose(0, 1, 4, 2, 3), ref)
+
+def _apply_module(graphdef, state, *args):
+    from flax import nnx
+
+    return nnx.merge(graphdef, state)(*args)
+

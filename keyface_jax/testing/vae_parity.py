@@ -102,11 +102,13 @@ def run_torch(model, images: np.ndarray, latents: np.ndarray, num_frames: int) -
     return [t.numpy() for t in (posterior.mean, posterior.logvar, decoded)]
 
 
-def check_vae_against_diffusers(diffusers_config: dict, seed: int, num_frames: int = 3) -> float:
+def check_vae_against_diffusers(diffusers_config: dict, seed: int, num_frames: int = 3,
+                                **config_overrides) -> float:
     """Random-weight parity (float32, CPU) of the posterior mean, logvar and a `num_frames`-frame
-    decode; returns max |ours - ref| / max |ref| over the three."""
+    decode; returns max |ours - ref| / max |ref| over the three. `config_overrides`: VAEConfig
+    fields of our model (e.g. `attention`)."""
     ref = make_random_diffusers_vae(diffusers_config, seed)
-    ours = nnx_vae_from_diffusers(ref, diffusers_config)
+    ours = nnx_vae_from_diffusers(ref, diffusers_config, **config_overrides)
     images, latents = random_inputs(diffusers_config, seed, num_frames)
     pairs = zip(run_nnx(ours, images, latents, num_frames), run_torch(ref, images, latents, num_frames))
     return max(relative_error(a, b) for a, b in pairs)

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from keyface_jax.paths import PathLike, as_path, canonical
 from keyface_jax.training.run_checkpoints import (CHECKPOINTS, UNREADABLE, RunCheckpointer,
                                                    RunMismatch)
+from keyface_jax.sharding import rules_from_config
 from keyface_jax.training.state import TrainState, abstract_like, init_train_state, state_shardings
 
 log = logging.getLogger("keyface_jax.train")
@@ -47,7 +48,7 @@ def start_or_resume(config, workdir: PathLike, abstract_trainable, abstract_froz
                                    ema=config.optim.ema_decay > 0)
     abstract_state = jax.eval_shape(init_state, abstract_trainable, abstract_frozen)
     try:
-        shardings = state_shardings(abstract_state, tx, mesh)
+        shardings = state_shardings(abstract_state, tx, mesh, rules=rules_from_config(config.mesh))
     except ValueError as e:
         raise ValueError(f"the {what} cannot shard on mesh {dict(mesh.shape)}: {e}") from None
     checkpoints = RunCheckpointer(as_path(workdir) / CHECKPOINTS,

@@ -16,7 +16,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from keyface_jax.sharding import param_shardings
+from keyface_jax.sharding import DEFAULT_RULES, param_shardings
 
 
 @struct.dataclass
@@ -48,13 +48,13 @@ def init_train_state(trainable, frozen, tx: optax.GradientTransformation, seed: 
 
 
 def state_shardings(abstract_state: TrainState, tx: optax.GradientTransformation, mesh: Mesh,
-                    min_bytes: int | None = None) -> TrainState:
+                    min_bytes: int | None = None, rules=DEFAULT_RULES) -> TrainState:
     """NamedShardings for every leaf of a train state. Parameters (trainable and frozen) follow
     their logical axis names; the EMA copy and every optimizer leaf that mirrors a parameter
     (found through the optimizer's own state structure, `optax.tree_map_params`) take that
     parameter's sharding; everything else (step, PRNG key, counts) is replicated. Raises (naming
     the parameter) if the mesh cannot shard it."""
-    kwargs = {} if min_bytes is None else dict(min_bytes=min_bytes)
+    kwargs = dict(rules=rules) if min_bytes is None else dict(rules=rules, min_bytes=min_bytes)
     replicated = NamedSharding(mesh, PartitionSpec())
     params = param_shardings(abstract_state.params, mesh, **kwargs)
     opt_state = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_state.opt_state,

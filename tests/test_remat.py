@@ -1,0 +1,62 @@
+"""Named remat policies: what each keeps for the backward pass of a (small) VideoUNet, and the
+config resolution of `remat` / `remat_policy`."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint.print_saved_residuals prints
+
+from configs import keyframe
+from keyface_jax.config_lib import network_config
+from keyface_jax.models.attention_backends import AttentionConfig
+from keyface_jax.models.remat import REMAT_POLICIES, remat_policy
+from keyface_jax.models.unet import UNetConfig, VideoUNet
+
+ONE_LEVEL = UNetConfig(in_channels=4, out_channels=4, block_out_channels=(32,), layers_per_block=(1,),
+                       down_attention=(True,), up_attention=(True,), num_heads=(2,),
+                       transformer_depth=(1,), mid_transformer_depth=1, mid_num_heads=2,
+                       context_dim=16, down_resnet_eps=(1e-5,), up_resnet_eps=(1e-5,))
+
+
+def _residuals(policy: str, backend: str):
+    """(elements kept for the backward pass, names of the named ones) of a one-level UNet on 8×8
+    latents, its 64-token spatial attention on `backend`."""
+    cfg = dataclasses.replace(ONE_LEVEL, remat=policy != "none", remat_policy=policy,
+                              attention=AttentionConfig(backend, min_seq_length=16, chunk_size=16))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: VideoUNet(cfg, rngs=nnx.Rngs(0))))
+    state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state)
+    x, c_noise, context = jnp.ones((1, 2, 8, 8, 4)), jnp.ones((1,)), jnp.ones((1, 2, 16))
+    loss = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x, c_noise, context))
+    kept = [(aval, what) for aval, what in saved_residuals(loss, state, x) if "argument" not in what]
+    names = {what.split("'")[1] for _, what in kept if what.startswith("named")}
+    return sum(int(np.prod(aval.shape)) for aval, _ in kept), names
+
+
+def test_policies_keep_what_they_name():
+    kept = {policy: _residuals(policy, "chunked") for policy in REMAT_POLICIES}
+    sizes = {policy: size for policy, (size, _) in kept.items()}
+    # block inputs only < + attention outputs < + every projection's output < everything
+    assert sizes["block"] < sizes["block_save_attention"] < sizes["block_save_dots"] < sizes["none"]
+    assert sizes["block"] < sizes["none"] / 20
+    assert kept["block"][1] == kept["block_save_dots"][1] == set()
+    # the output and, inside the chunked form's custom VJP, its log-sum-exp: no attention re-run
+    assert kept["block_save_attention"][1] == {"attention_out", "attention_lse"}
+
+
+def test_policy_resolution_and_config_defaults():
+    assert remat_policy(False, "block") == (False, REMAT_POLICIES["block"])
+    assert remat_policy(True, None) == (True, REMAT_POLICIES["block"])
+    assert remat_policy(True, "none")[0] is False
+    assert remat_policy(True, "dots_saveable") == (True, jax.checkpoint_policies.dots_saveable)
+    with pytest.raises(ValueError, match="remat_policy 'blocks': choose one of"):
+        remat_policy(True, "blocks")
+    full = network_config(keyframe.get_config("full").model).unet
+    tiny = network_config(keyframe.get_config("tiny").model).unet
+    assert (full.remat, full.remat_policy) == (True, "block")
+    assert keyframe.get_config("full").model.dtype == "bfloat16"
+    assert keyframe.get_config("full").model.param_dtype == "float32"
+    assert remat_policy(tiny.remat, tiny.remat_policy)[0] is False
