@@ -121,8 +121,11 @@ def headline(report: dict) -> dict:
         out[f"{name}_last_loss"] = run.get("last_loss")
         if run.get("eval_psnr") is not None:
             out[f"{name}_psnr_training_frames"] = run["eval_psnr"]
-    for name, seconds in (report.get("stage_seconds") or {}).items():
+    stages = report.get("stage_seconds") or {}
+    for name, seconds in stages.items():
         out[f"seconds_{name}"] = seconds
+    if stages:   # the job's wall time without the package downloads (installs are not timed)
+        out["seconds_timed_total"] = sum(v for k, v in stages.items() if k != "packages")
     return out
 
 

@@ -41,8 +41,15 @@ stage() {
   printf '%s\t%s\n' "$1" "$(( $(date +%s) - START ))" >> "$OUT/report/stages.tsv"
 }
 
-stage "1/8 models"
-if [ "${DEMO_DESCRIBE:-1}" != "0" ]; then python -m keyface_jax.describe --json "$OUT/describe.json"; fi
+stage "0/8 packages"   # sdists of the face photos and the recording (a download: not timed)
+python -m data_pipelines.demo.packages --cache "$PACKAGES"
+
+stage "1/8 models"   # in the background, alongside stage 2 (both mostly single-threaded)
+DESCRIBE_PID=""
+if [ "${DEMO_DESCRIBE:-1}" != "0" ]; then
+  python -m keyface_jax.describe --json "$OUT/describe.json" > "$OUT/describe.log" 2>&1 &
+  DESCRIBE_PID=$!
+fi
 
 stage "2/8 demo videos"
 if [ ! -f "$OUT/videos/manifest.json" ]; then
@@ -53,6 +60,9 @@ if [ ! -f "$OUT/heldout_videos/manifest.json" ]; then   # unseen frames: the hel
   python -m data_pipelines.demo.build --output "$OUT/heldout_videos" --num_videos 2 --seconds 4 \
       --size 128 --seed 1 --faces "$HELDOUT_FACE,${FACES%%,*}" --crop_scale 3.6 --max_open 0.4 \
       --photo_cache "$PACKAGES" --prefix heldout
+fi
+if [ -n "$DESCRIBE_PID" ] && ! wait "$DESCRIBE_PID"; then
+  cat "$OUT/describe.log" >&2; echo "demo: describing the models failed" >&2; exit 1
 fi
 
 stage "3/8 autoencoder"
