@@ -100,7 +100,9 @@ def _clip_figures(prefix: str, evaluation: dict) -> dict:
            f"{prefix}lip_sync_control_r": _get(sync, "control", "r"),
            f"{prefix}identity_first_window": ident.get("first_similarity"),
            f"{prefix}identity_last_window": ident.get("last_similarity"),
-           f"{prefix}sharpness_to_input": ident.get("sharpness_to_identity")}
+           f"{prefix}sharpness_to_input": ident.get("sharpness_to_identity"),
+           # frames dlib tracked no face in, measured inside the identity image's face box
+           f"{prefix}fallback_box_frames": _get(evaluation, "face", "fallback_box_frames")}
     comp = _get(evaluation, "identity", "compare") or {}
     if "others" in comp:
         out.update({f"{prefix}similarity_to_own_input": comp.get("own"),
@@ -117,6 +119,8 @@ def headline(report: dict) -> dict:
     if recon is not None:
         out.update(autoencoder_psnr_unseen=recon.get("psnr"),
                    autoencoder_sharpness_unseen=recon.get("sharpness_ratio"))
+        for name, scores in (recon.get("per_video") or {}).items():
+            out[f"autoencoder_psnr_unseen_{name}"] = scores.get("psnr")
     for name, run in (_get(report, "training", "runs") or {}).items():
         out[f"{name}_last_loss"] = run.get("last_loss")
         if run.get("eval_psnr") is not None:

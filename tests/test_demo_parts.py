@@ -126,6 +126,7 @@ def test_report_headline_and_stage_times(tmp_path):
     assert report.read_stage_times(str(tmp_path / "stages.tsv")) == {"models": 40,
                                                                      "videos": 60}
     evaluation = dict(lip_sync=dict(r=0.7, r_lag0=0.65, control=dict(r=0.1)),
+                      face=dict(fallback_box_frames=0),
                       identity=dict(summary=dict(first_similarity=0.9, last_similarity=0.91,
                                                  sharpness_to_identity=0.5)))
     face = dict(evaluation, identity=dict(evaluation["identity"], compare=dict(

@@ -8,7 +8,8 @@ mode and the decoder one frame at a time (as generation decodes), and are scored
 originals: PSNR (dB, on [−1, 1] pixels, of the mean squared error over all frames, as the
 trainer's end-of-run score) and the
 sharpness (variance of the Laplacian of the grey frame) of the reconstructions over that of the
-originals, the ceiling of what a generator decoding through this autoencoder can keep.
+originals, the ceiling of what a generator decoding through this autoencoder can keep. Pooled
+over all frames, and per video (e.g. an unseen face apart from unseen frames of a known one).
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ def main(argv=None) -> int:
         print(f"reconstruction: {e}", file=sys.stderr)
         return 2
     model = load_autoencoder(load_config(args.config).autoencoder, args.autoencoder)
-    scores = dict(reconstruction_scores(model, frames), videos=os.path.abspath(args.videos),
-                  autoencoder=os.path.abspath(args.autoencoder))
+    per_video = {name: reconstruction_scores(model, evaluation_frames(
+                     {name: v}, max(1, args.frames // len(videos)))) for name, v in videos.items()}
+    scores = dict(reconstruction_scores(model, frames), per_video=per_video,
+                  videos=os.path.abspath(args.videos), autoencoder=os.path.abspath(args.autoencoder))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(scores, f, indent=1)
