@@ -39,6 +39,7 @@ def get_config(arg: str = "tiny"):
         reconstruction_weight=1.0,
         kl_weight=1e-6,               # on the mean per-latent-element KL to N(0, 1)
         lpips_weight=0.0,             # needs both LPIPS weight files (none ship offline)
+        gradient_weight=0.0,          # L1 on pixel differences (edges); see losses/reconstruction
         lpips_vgg_weights="", lpips_lin_weights="",
     ))
     config.mesh = common.mesh_section(data=-1)

@@ -108,6 +108,15 @@ def check_weights(args) -> None:
         require_file(args.lip_encoder, "LipScore lip-reading encoder", lipscore.WHERE)
 
 
+def _name_path(item: str) -> tuple[str, str]:
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--compare {item!r}: give NAME=IMAGE")
+    if not os.path.isfile(path):
+        raise ValueError(f"--compare {item!r}: {path} not found")
+    return name, path
+
+
 def summary_line(report: dict) -> str:
     parts = []
     ls = report.get("lip_sync") or {}
@@ -123,6 +132,12 @@ def summary_line(report: dict) -> str:
         parts.append(f"identity {ident['first_similarity']:.3f} → {ident['last_similarity']:.3f} "
                      f"(drop {100 * ident['similarity_drop']:.1f} %, bar "
                      f"{'passed' if ident['passed'] else 'FAILED'})")
+        if ident.get("sharpness_to_identity") is not None:
+            parts.append(f"sharpness {ident['sharpness_to_identity']:.2f}× the input crop's")
+    comp = (report.get("identity") or {}).get("compare") or {}
+    if comp.get("nearest_other"):
+        parts.append(f"similarity to own input {comp['own']:.3f}, to nearest other face "
+                     f"({comp['nearest_other']}) {comp['nearest_other_similarity']:.3f}")
     return "; ".join(parts) or "no metrics"
 
 
@@ -144,6 +159,11 @@ def main(argv=None) -> int:
     p.add_argument("--control_shift", type=float, default=1.0,
                    help="audio delay of the lip-sync control, seconds")
     p.add_argument("--no_identity", action="store_true", help="skip identity/drift (faster)")
+    p.add_argument("--identity_box_fallback", action="store_true",
+                   help="measure frames where no face is tracked inside the identity image's "
+                        "face box (generated videos keep the identity crop's framing)")
+    p.add_argument("--compare", nargs="*", default=[], metavar="NAME=IMAGE",
+                   help="other faces: report the video's similarity to each (and to its own)")
     p.add_argument("--no_signals", action="store_true",
                    help="leave per-frame signals and samples out of the JSON")
     p.add_argument("--reference", help="ground-truth video for FID / FVD / LipScore")
@@ -174,12 +194,14 @@ def _evaluate(args) -> int:
         if (args.fid_weights or args.fvd_weights or args.lip_encoder) and not args.reference:
             raise ValueError("FID / FVD / LipScore compare with a ground truth: pass --reference")
         check_weights(args)     # before the long pass over the video
+        compare = dict(_name_path(item) for item in args.compare)
         report = evaluate_file(args.video, audio=args.audio, identity_path=args.identity,
                                manifest=args.manifest, window_seconds=args.window_seconds,
                                identity_stride=args.identity_stride,
                                detect_every=args.detect_every, max_lag=args.max_lag,
                                control_shift=args.control_shift,
-                               measure_identity=not args.no_identity)
+                               measure_identity=not args.no_identity,
+                               identity_box_fallback=args.identity_box_fallback, compare=compare)
         if args.reference:
             report["paper_metrics"] = paper_metrics(args.video, args.reference, args.fid_weights,
                                                     args.fvd_weights, args.lip_encoder,

@@ -1,48 +1,76 @@
 #!/usr/bin/env bash
-# The main job on the embedded default, end to end (about 20 min on 2 idle CPU cores):
+# The main job on the embedded default, end to end (≤ 20 min on 2 idle CPU cores):
 #   1. describe the networks (parameter counts, FLOPs; paper-size models built abstractly)
-#   2. build the offline demo videos (real face photo + real speech, lip motion, laughs, sighs)
-#   3. train a tiny autoencoder on their frames (no SVD VAE weights ship offline)
-#   4. prepare the videos into a TFDS ArrayRecord dataset with it (latents, audio tokens, emotions)
+#   2. build the offline demo videos: real face photos that ship in packages (one face held out of
+#      training), animated by real recorded speech, laughs and sighs; and held-out videos
+#   3. train a tiny autoencoder on the training frames (no SVD VAE weights ship offline)
+#   4. prepare the training videos into a TFDS ArrayRecord dataset with it
 #   5. train the tiny keyframe and interpolation models (TensorBoard logs, checkpoints)
-#   6. make held-out test speech (neural TTS with pauses, a laugh and a sigh: not in training)
-#   7. generate a ≥30-s video from it and the demo face (keyframes → interpolation → decode → mp4)
-#   8. evaluate it (lip sync vs a 1-s-shifted control, identity drift, silence/laugh motion) and
-#      write a contact sheet, the loss curves and metrics.json
+#   6. held-out test speech: neural TTS with pauses, a laugh and a sigh; and a real recording of
+#      another speaker (J. F. Kennedy, from the pywhispercpp sdist); neither is in training
+#   7. generate, in one batched pass: a ≥30-s video from the TTS speech and a training face, one
+#      from the recording, and one of the held-out face
+#   8. evaluate them (lip sync vs a 1-s-shifted control, identity, sharpness, the held-out face
+#      against the training faces) and the autoencoder on unseen frames; write a contact sheet,
+#      the loss curves and metrics.json (its `summary` holds the headline figures)
 # Every stage resumes when re-run (finished ones are skipped), whatever form the output path had.
 # Outputs go to $KEYFACE_DEMO_DIR (default outputs/demo, relative to the repository root).
 # The console shows stage lines, progress bars, results and warnings; KEYFACE_VERBOSE=1 adds the
 # libraries' INFO logging.
-# DEMO_STEPS: diffusion training steps per model (default 300); DEMO_AE_STEPS (default 200);
-# DEMO_SECONDS: length of the held-out speech (default 32); DEMO_VIDEOS: demo videos (default 4);
-# DEMO_DESCRIBE=0 skips stage 1. tests/test_demo_job.py runs a shortened version (same code path).
+# DEMO_STEPS: diffusion training steps per model (default 300); DEMO_AE_STEPS (default 400);
+# DEMO_SECONDS: length of the held-out TTS speech (default 32); DEMO_VIDEOS: training videos
+# (default 6, cycling over DEMO_FACES); DEMO_SEED: training and sampling seed (default 0);
+# DEMO_CLIP_SECONDS: length cap of the recording and held-out-face clips (default: the whole
+# recording, the held-out face 8 s); DEMO_DESCRIBE=0 skips stage 1.
+# tests/test_demo_job.py runs a shortened version (same code path).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -z "${DEMO_SKIP_SETUP:-}" ]; then source "$ROOT/launch/setup_env.sh"; fi  # tests: already set up
 cd "$ROOT"
 OUT="${KEYFACE_DEMO_DIR:-outputs/demo}"
 STEPS="${DEMO_STEPS:-300}"
-AE_STEPS="${DEMO_AE_STEPS:-200}"
+AE_STEPS="${DEMO_AE_STEPS:-400}"
 SECONDS_OUT="${DEMO_SECONDS:-32}"
-NUM_VIDEOS="${DEMO_VIDEOS:-4}"
-mkdir -p "$OUT"
+NUM_VIDEOS="${DEMO_VIDEOS:-6}"
+SEED="${DEMO_SEED:-0}"
+FACES="${DEMO_FACES:-astronaut,hopper,obama}"   # data_pipelines/demo/photos.py
+HELDOUT_FACE="${DEMO_HELDOUT_FACE:-biden}"       # never in training
+PACKAGES="$OUT/packages"                         # sdists fetched for their photos / recordings
+mkdir -p "$OUT/report"
 START=$(date +%s)
-stage() { echo "== $1   [$(( $(date +%s) - START )) s]"; }
+: > "$OUT/report/stages.tsv"
+stage() {
+  echo "== $1   [$(( $(date +%s) - START )) s]"
+  printf '%s\t%s\n' "$1" "$(( $(date +%s) - START ))" >> "$OUT/report/stages.tsv"
+}
 
-stage "1/8 models"
+stage "0/8 packages"   # sdists of the face photos and the recording (a download: not timed)
+python -m data_pipelines.demo.packages --cache "$PACKAGES"
+
+stage "1/8 models"   # in the background, alongside stage 2 (both mostly single-threaded)
+DESCRIBE_PID=""
 if [ "${DEMO_DESCRIBE:-1}" != "0" ] && [ ! -f "$OUT/describe.json" ]; then
-  python -m keyface_jax.describe --json "$OUT/describe.json"
+  python -m keyface_jax.describe --json "$OUT/describe.json" > "$OUT/describe.log" 2>&1 &
+  DESCRIBE_PID=$!
 fi
 
 stage "2/8 demo videos"
 if [ ! -f "$OUT/videos/manifest.json" ]; then
   python -m data_pipelines.demo.build --output "$OUT/videos" --num_videos "$NUM_VIDEOS" --seconds 10 \
-      --size 128 --seed 0
+      --size 128 --seed 0 --faces "$FACES" --crop_scale 3.6 --max_open 0.4 --photo_cache "$PACKAGES"
+fi
+if [ ! -f "$OUT/heldout_videos/manifest.json" ]; then   # unseen frames: the held-out face, a training face
+  python -m data_pipelines.demo.build --output "$OUT/heldout_videos" --num_videos 2 --seconds 4 \
+      --size 128 --seed 1 --faces "$HELDOUT_FACE,${FACES%%,*}" --crop_scale 3.6 --max_open 0.4 \
+      --photo_cache "$PACKAGES" --prefix heldout
+fi
+if [ -n "$DESCRIBE_PID" ] && ! wait "$DESCRIBE_PID"; then
+  cat "$OUT/describe.log" >&2; echo "demo: describing the models failed" >&2; exit 1
 fi
 
 stage "3/8 autoencoder"
 python -m keyface_jax.train --config=configs/autoencoder.py:tiny --workdir="$OUT/runs/autoencoder" \
-    --config.data.videos="$OUT/videos/videos" --config.train.steps="$AE_STEPS"
+    --config.data.videos="$OUT/videos/videos" --config.train.steps="$AE_STEPS" --config.seed="$SEED"
 
 stage "4/8 dataset"
 python -m data_pipelines.prepare --config configs/keyframe.py:tiny --videos "$OUT/videos/videos" \
@@ -51,7 +79,7 @@ python -m data_pipelines.prepare --config configs/keyframe.py:tiny --videos "$OU
 stage "5/8 training"
 for stage_name in keyframe interpolation; do
   python -m keyface_jax.train --config="configs/$stage_name.py:tiny" --workdir="$OUT/runs/$stage_name" \
-      --config.data.path="$OUT/dataset" --config.train.steps="$STEPS" \
+      --config.data.path="$OUT/dataset" --config.train.steps="$STEPS" --config.seed="$SEED" \
       --config.train.checkpoint_every=$(( (STEPS + 2) / 3 )) --config.train.keep_checkpoints=3 \
       --config.train.log_every=10
 done
@@ -60,30 +88,52 @@ stage "6/8 held-out speech"
 if [ ! -f "$OUT/heldout/speech.wav" ]; then
   python -m data_pipelines.demo.heldout --output "$OUT/heldout" --seconds "$SECONDS_OUT"
 fi
+if [ ! -f "$OUT/heldout_jfk/speech.wav" ]; then
+  python -m data_pipelines.demo.heldout --output "$OUT/heldout_jfk" --source jfk --cache "$PACKAGES"
+fi
 
 stage "7/8 generation"
-FACE="$(ls "$OUT"/videos/videos/*.mp4 | head -1)"
-if [ ! -f "$OUT/generated/heldout.mp4" ]; then
-  python -m keyface_jax.generate --face "$FACE" --audio "$OUT/heldout/speech.wav" \
-      --output "$OUT/generated/heldout.mp4" --emotion neutral --seed 0 \
+FACE="$OUT/videos/faces/${FACES%%,*}.png"
+cat > "$OUT/generated.jsonl" <<JSONL
+{"name": "heldout", "face": "$FACE", "audio": "$OUT/heldout/speech.wav", "output": "$OUT/generated/heldout.mp4"}
+{"name": "jfk", "face": "$FACE", "audio": "$OUT/heldout_jfk/speech.wav", "output": "$OUT/generated/jfk.mp4", "max_seconds": ${DEMO_CLIP_SECONDS:-60}}
+{"name": "heldout_face", "face": "$OUT/heldout_videos/faces/$HELDOUT_FACE.png", "audio": "$OUT/heldout_jfk/speech.wav", "output": "$OUT/generated/heldout_face.mp4", "max_seconds": ${DEMO_CLIP_SECONDS:-8}}
+JSONL
+if [ ! -f "$OUT/generated/heldout.mp4" ] || [ ! -f "$OUT/generated/jfk.mp4" ] \
+    || [ ! -f "$OUT/generated/heldout_face.mp4" ]; then   # finished clips are kept either way
+  python -m keyface_jax.generate --manifest "$OUT/generated.jsonl" --output_dir "$OUT/generated" \
+      --emotion neutral --seed "$SEED" --interpolation_bad auto \
       --keyframe "$OUT/runs/keyframe" --interpolation "$OUT/runs/interpolation" \
       --autoencoder "$OUT/runs/autoencoder/export"
 fi
 
 stage "8/8 evaluation and report"
-if [ ! -f "$OUT/report/evaluation.json" ] || [ "$OUT/generated/heldout.mp4" -nt "$OUT/report/evaluation.json" ]; then
-  python -m keyface_jax.evaluate --video "$OUT/generated/heldout.mp4" \
-      --identity "$OUT/generated/heldout.identity.png" --manifest "$OUT/heldout/timeline.json" --output "$OUT/report/evaluation.json" \
-      --plots "$OUT/report" --no_signals
-fi
-echo "{\"demo_seconds\": $(( $(date +%s) - START )), \"diffusion_steps\": $STEPS, \"autoencoder_steps\": $AE_STEPS}" \
+evaluate() {  # name, timeline, extra args
+  if [ -f "$OUT/report/$1_eval.json" ] && [ "$OUT/report/$1_eval.json" -nt "$OUT/generated/$1.mp4" ]; then
+    return 0   # evaluated after the video was made
+  fi
+  python -m keyface_jax.evaluate --video "$OUT/generated/$1.mp4" --identity "$OUT/generated/$1.identity.png" \
+      --manifest "$2" --output "$OUT/report/$1_eval.json" --plots "$OUT/report" --no_signals \
+      --identity_box_fallback "${@:3}"
+}
+COMPARE=()
+for face in ${FACES//,/ }; do COMPARE+=("$face=$OUT/videos/faces/$face.png"); done
+evaluate heldout "$OUT/heldout/timeline.json"
+evaluate jfk "$OUT/heldout_jfk/timeline.json"
+evaluate heldout_face "$OUT/heldout_jfk/timeline.json" --compare "${COMPARE[@]}"
+[ -f "$OUT/report/autoencoder_unseen.json" ] || python -m keyface_jax.eval.reconstruction --autoencoder "$OUT/runs/autoencoder/export" \
+    --videos "$OUT/heldout_videos/videos" --output "$OUT/report/autoencoder_unseen.json"
+stage "done"
+echo "{\"demo_seconds\": $(( $(date +%s) - START )), \"diffusion_steps\": $STEPS, \"autoencoder_steps\": $AE_STEPS, \"seed\": $SEED}" \
     > "$OUT/report/timings.json"
 python -m keyface_jax.report --video "$OUT/generated/heldout.mp4" \
     --runs "$OUT/runs/autoencoder" "$OUT/runs/keyframe" "$OUT/runs/interpolation" \
-    --evaluation "$OUT/report/evaluation.json" --extra "$OUT/report/timings.json" --output "$OUT/report"
+    --evaluation "$OUT/report/heldout_eval.json" \
+    --more_evaluations jfk="$OUT/report/jfk_eval.json" heldout_face="$OUT/report/heldout_face_eval.json" \
+    --reconstruction "$OUT/report/autoencoder_unseen.json" --stage_times "$OUT/report/stages.tsv" \
+    --extra "$OUT/report/timings.json" --output "$OUT/report"
 
-stage "done"
 echo "outputs in $OUT:"
-echo "  video         $OUT/generated/heldout.mp4  (from held-out speech $OUT/heldout/speech.wav)"
-echo "  report        $OUT/report/metrics.json, contact_sheet.png, losses.png, heldout_eval.png"
+echo "  videos        $OUT/generated/{heldout,jfk,heldout_face}.mp4  (held-out TTS speech, a real recording, the held-out face)"
+echo "  report        $OUT/report/metrics.json (summary: headline figures), contact_sheet.png, losses.png, *_eval.png"
 echo "  training runs $OUT/runs/{autoencoder,keyframe,interpolation} (tensorboard --logdir $OUT/runs)"

@@ -232,6 +232,52 @@ def test_drift_towards_another_face_fails_the_bar(demo, models):
     assert not s["passed"]
 
 
+def test_closer_to_its_own_identity_than_to_other_faces(demo, models):
+    """The demo face compared with LFW strangers: its own similarity is the highest."""
+    _, _, clips = demo
+    frames = clips[0]["frames"][:40]
+    rep = analyze(frames, None, identity_stride=10, models=models,
+                  compare_images={"lfw0": other_face(0), "lfw1": other_face(1)})["identity"]
+    comp = rep["compare"]
+    assert comp["own"] > 0.95 and comp["closer_to_own"]
+    assert comp["nearest_other"] in ("lfw0", "lfw1")
+    assert comp["nearest_other_similarity"] == max(comp["others"].values()) < 0.9
+    stranger = analyze(np.repeat(other_face(0)[None], 20, axis=0), None, identity_stride=10,
+                       identity_image=frames[0], models=models,
+                       compare_images={"lfw0": other_face(0)})["identity"]["compare"]
+    assert not stranger["closer_to_own"] and stranger["others"]["lfw0"] > 0.95
+
+
+def test_sharpness_against_the_identity_image(demo, models):
+    import cv2
+
+    _, _, clips = demo
+    frames = clips[0]["frames"][:40]
+    same = analyze(frames, None, identity_image=frames[0], identity_stride=10,
+                   models=models)["identity"]["summary"]
+    blurred = [cv2.GaussianBlur(f, (0, 0), 1.5) for f in frames]
+    soft = analyze(blurred, None, identity_image=frames[0], identity_stride=10,
+                   models=models)["identity"]["summary"]
+    assert 0.8 < same["sharpness_to_identity"] < 1.25
+    assert soft["sharpness_to_identity"] < 0.5 * same["sharpness_to_identity"]
+
+
+def test_identity_box_fallback_measures_faceless_frames(demo, models):
+    """Frames without a detectable face are measured inside the identity image's box: every
+    frame gets landmarks and every figure is finite (the demo test's 3-step models)."""
+    _, _, clips = demo
+    clip = clips[0]
+    noise = np.random.default_rng(0).integers(0, 255, (30, 256, 256, 3), np.uint8)
+    rep = analyze(noise, clip["wave"][:30 * 640], identity_image=clip["frames"][0],
+                  identity_stride=10, models=models, identity_box_fallback=True)
+    assert rep["face"]["fallback_box_frames"] == 30 and rep["face"]["frames_with_face"] == 30
+    assert np.isfinite(rep["lip_sync"]["r"]) and np.isfinite(rep["lip_sync"]["control"]["r"])
+    assert np.isfinite(rep["identity"]["summary"]["sharpness_to_identity"])
+    plain = analyze(clip["frames"][:30], clip["wave"][:30 * 640], identity_image=clip["frames"][0],
+                    identity_stride=10, models=models, identity_box_fallback=True)
+    assert plain["face"]["fallback_box_frames"] == 0     # real faces are tracked as before
+
+
 def test_colour_and_sharpness_drift_are_measured(demo, models):
     import cv2
 

@@ -348,3 +348,23 @@ def test_preview_sampler_runs_with_the_linear_guider(keyframe_net):
     full = sampler.sample_preview(graphdef, state, conds, keys, min_scale=1.0, max_scale=1.0)
     assert out.shape == (1, 3, 16, 16, 4) and bool(jnp.all(jnp.isfinite(out)))
     assert np.abs(np.asarray(out) - np.asarray(full)).max() > 1e-3
+
+
+def test_interpolation_audio_cfg_is_guidance_by_the_audio_dropped_network(interpolation_nets):
+    """audio_cfg at scale 1 is the plain conditional sampler; at scale 0 it is the sampler of the
+    network with its audio dropped; between, it moves away from the audio-dropped trajectory."""
+    graphdef, good, _, config = interpolation_nets
+    conds = conditions_only(network_inputs(config, batch=2, frames=3, seed=11))
+    keys = jax.random.split(jax.random.key(5), 2)
+    plain = sampler.sample_interpolation(graphdef, good, None, conds, keys)
+    one = sampler.sample_interpolation(graphdef, good, None, conds, keys, audio_cfg=True, scale=1.0)
+    np.testing.assert_allclose(one, plain, rtol=1e-4, atol=1e-4)
+    # the network without audio: its audio projection outputs zeros (what audio_keep=0 does)
+    mute = nnx.merge_state(good, nnx.State({"audio_proj": jax.tree.map(jnp.zeros_like,
+                                                                        good["audio_proj"])}))
+    no_audio = sampler.sample_interpolation(graphdef, mute, None, conds, keys)
+    zero = sampler.sample_interpolation(graphdef, good, None, conds, keys, audio_cfg=True, scale=0.0)
+    np.testing.assert_allclose(zero, no_audio, rtol=1e-4, atol=1e-4)
+    assert np.abs(np.asarray(no_audio) - np.asarray(plain)).max() > 1e-3
+    with pytest.raises(ValueError, match="bad_state=None"):
+        sampler.sample_interpolation(graphdef, good, good, conds, keys, audio_cfg=True)

@@ -2,8 +2,9 @@
 
     python -m data_pipelines.demo.build --output DIR --num_videos 4 --seconds 6 --size 256 --seed 0
 
-Writes DIR/videos/<name>.mp4, DIR/emotions/<name>.json and DIR/manifest.json (formats in
-`data_pipelines/demo/__init__.py`). The same arguments give byte-identical files.
+Writes DIR/videos/<name>.mp4, DIR/emotions/<name>.json, DIR/faces/<face>.png (each face at rest,
+as the videos frame it) and DIR/manifest.json (formats in `data_pipelines/demo/__init__.py`).
+The same arguments give byte-identical files.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import sys
 import time
 
 import numpy as np
+from PIL import Image
 from scipy import signal
 
 from data_pipelines.demo import EMOTION_FORMAT, MANIFEST_FORMAT
-from data_pipelines.demo.face import FaceAnimator
-from data_pipelines.demo.sources import astronaut_rig, load_speech_corpus
+from data_pipelines.demo.face import FaceAnimator, FacePose
+from data_pipelines.demo.photos import face_rig
+from data_pipelines.demo.sources import load_speech_corpus
 from data_pipelines.demo.timeline import (emotion_track, frame_audio_stats, frame_controls,
                                           plan_segments, render_audio)
 from keyface_jax.data.schema import AUDIO_RATE, FPS
@@ -108,8 +111,10 @@ def build_dataset(output: str, num_videos: int = 4, seconds: float = 6.0, size: 
                   fps: float = 25.0, seed: int = 0, audio_rate: int = 48000,
                   nsv_fraction: float = 0.5, speech: list[str] | None = None,
                   prefix: str = "demo", audio_codec: str = "aac", babble: bool = False,
-                  verbose: bool = False) -> dict:
-    """Builds the whole dataset under `output`; returns (and writes) the manifest."""
+                  faces: tuple[str, ...] = ("astronaut",), crop_scale: float | None = None,
+                  max_open: float = 0.3, photo_cache: str = "", verbose: bool = False) -> dict:
+    """Builds the whole dataset under `output`; returns (and writes) the manifest. Video i shows
+    faces[i % len(faces)] (`photos.ALL_FACES`), framed by `photos.face_rig(crop_scale)`."""
     if num_videos < 1 or seconds <= 0 or size < 64 or size % 2 or fps <= 0:
         raise ValueError("need num_videos ≥ 1, seconds > 0, an even size ≥ 64 and fps > 0")
     if not 0.0 <= nsv_fraction <= 1.0:
@@ -120,20 +125,29 @@ def build_dataset(output: str, num_videos: int = 4, seconds: float = 6.0, size: 
     if corpus is None and not babble:
         print("demo: no recorded speech found (pip install --no-deps pyannote.audio ships a 30 s "
               "sample); using procedural babble", file=sys.stderr)
-    rig = astronaut_rig()
-    animator = FaceAnimator(rig, size)
+    if not faces:
+        raise ValueError("need at least one face")
+    cache = photo_cache or os.path.join(output, "photos")
+    animators = {name: FaceAnimator(face_rig(name, size, cache, crop_scale), size, max_open)
+                 for name in dict.fromkeys(faces)}
+    # one still per face, at rest (mouth closed, eyes open): identity inputs and references
+    os.makedirs(os.path.join(output, "faces"), exist_ok=True)
+    for name, animator in animators.items():
+        Image.fromarray(animator.render(FacePose())).save(os.path.join(output, "faces", f"{name}.png"))
     videos = []
     for i, group in enumerate(_groups(num_videos, nsv_fraction)):
         start = time.time()
-        videos.append(build_video(i, output, seconds, size, fps, seed, audio_rate, group, corpus,
-                                  animator, prefix, audio_codec))
+        face = faces[i % len(faces)]
+        videos.append(dict(build_video(i, output, seconds, size, fps, seed, audio_rate, group,
+                                       corpus, animators[face], prefix, audio_codec), face=face))
         if verbose:
-            print(f"{videos[-1]['video']}: {group}, {videos[-1]['num_frames']} frames, "
+            print(f"{videos[-1]['video']}: {face}, {group}, {videos[-1]['num_frames']} frames, "
                   f"{time.time() - start:.1f} s", flush=True)
     manifest = dict(
         format=MANIFEST_FORMAT, seed=seed, fps=fps, size=size, seconds=seconds,
         audio_rate=audio_rate, emotion_fps=FPS,
-        face_source=f"skimage.data.{rig.name}",
+        face_source="skimage.data.astronaut" if tuple(faces) == ("astronaut",) else "photos",
+        faces=list(dict.fromkeys(faces)), crop_scale=crop_scale, max_open=max_open,
         speech_source=corpus.name if corpus else "babble",
         speech_files=[os.path.basename(p) for p in corpus.paths] if corpus else [],
         videos=videos)
@@ -159,11 +173,22 @@ def main(argv=None) -> None:
     p.add_argument("--babble", action="store_true",
                    help="procedural formant babble instead of recorded speech")
     p.add_argument("--prefix", default="demo", help="video name prefix")
+    p.add_argument("--faces", default="astronaut",
+                   help="comma-separated faces (data_pipelines/demo/photos.py), one per video in turn")
+    p.add_argument("--crop_scale", type=float, default=None,
+                   help="face-aligned crop side in inter-ocular distances (default: the "
+                        "astronaut's hand-placed framing; other faces use photos.DEFAULT_CROP_SCALE)")
+    p.add_argument("--max_open", type=float, default=0.3,
+                   help="lip gap at full opening, as a fraction of the mouth width")
+    p.add_argument("--photo_cache", default="", help="where fetched photos are kept "
+                                                     "(default OUTPUT/photos)")
     args = p.parse_args(argv)
     start = time.time()
     manifest = build_dataset(args.output, args.num_videos, args.seconds, args.size, args.fps,
                              args.seed, args.audio_rate, args.nsv_fraction, args.speech,
-                             args.prefix, args.audio_codec, args.babble, verbose=True)
+                             args.prefix, args.audio_codec, args.babble,
+                             tuple(f for f in args.faces.split(",") if f), args.crop_scale,
+                             args.max_open, args.photo_cache, verbose=True)
     print(f"wrote {len(manifest['videos'])} videos ({manifest['speech_source']} speech) to "
           f"{args.output} in {time.time() - start:.1f} s")
 

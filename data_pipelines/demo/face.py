@@ -56,13 +56,19 @@ def _smoothstep(x):
 class FaceAnimator:
     """Renders `FacePose`s of a `FaceRig` as [size, size, 3] uint8 frames."""
 
-    UPPER_BAND = 8.0     # photo pixels above the lip line compressed when the upper lip rises
-    LOWER_BAND = 18.0    # photo pixels below the gap stretched to keep the cheeks continuous
+    # Bands in photo pixels for a mouth 21.5 px half-wide (the astronaut's); scaled with the mouth.
+    UPPER_BAND = 8.0     # above the lip line, compressed when the upper lip rises
+    LOWER_BAND = 18.0    # below the gap, stretched to keep the cheeks continuous
     CHIN_FADE = 25.0     # the jaw displacement fades to zero this far under the chin
+    REFERENCE_HALF_WIDTH = 21.5
 
-    def __init__(self, rig: FaceRig, size: int = 256):
+    def __init__(self, rig: FaceRig, size: int = 256, max_open: float = 0.3):
+        """max_open: the lip gap at mouth_open = 1, as a fraction of the mouth width."""
         self.rig, self.size = rig, int(size)
-        self.max_open = 0.3 * 2 * rig.mouth_half_width          # lip gap at mouth_open = 1
+        self.max_open = max_open * 2 * rig.mouth_half_width     # lip gap at mouth_open = 1
+        k = rig.mouth_half_width / self.REFERENCE_HALF_WIDTH
+        self.upper_band, self.lower_band, self.chin_fade = (
+            self.UPPER_BAND * k, self.LOWER_BAND * k, self.CHIN_FADE * k)
         cx, cy = rig.crop_center
         step = rig.crop_size / self.size
         coords = (np.arange(self.size) + 0.5 - self.size / 2) * step
@@ -110,8 +116,8 @@ class FaceAnimator:
         up = 0.25 * d_open * np.sqrt(lens)
         gap = 0.75 * d_open * lens
         jaw = 0.75 * d_open * np.exp(-((rx1 / 1.5) ** 2))
-        a, b = self.UPPER_BAND, self.LOWER_BAND
-        fade = _unit(1 - (y1 - self.rig.chin_y) / self.CHIN_FADE)
+        a, b = self.upper_band, self.lower_band
+        fade = _unit(1 - (y1 - self.rig.chin_y) / self.chin_fade)
         src = np.where(y1 < my - up - a, y1, my - (my - up - y1) * (a + up) / a)
         src = np.where(y1 >= my - up, my, src)
         src = np.where(y1 >= my + gap, my + (y1 - my - gap) * (gap + b - jaw) / b, src)
@@ -142,7 +148,7 @@ class FaceAnimator:
         mw = rig.mouth_half_width
         # the lip fields are negligible (< 0.05 px) outside this box
         lips = self._roi(x, y, mx - 3.5 * mw, mx + 3.5 * mw, my - 2.0 * mw,
-                         rig.chin_y + self.CHIN_FADE + 1)
+                         rig.chin_y + self.chin_fade + 1)
         if lips is not None:
             x, y = x.copy(), y.copy()
             lx, ly, alpha, depth = self._lips(x[lips], y[lips], pose)

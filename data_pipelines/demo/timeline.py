@@ -128,14 +128,20 @@ def _speech_clip(corpus: SpeechCorpus | None, length: int, rng: np.random.Genera
     start = rng.uniform(lo, max(lo, min(hi, len(wav) / AUDIO_RATE) - seconds))
     a = int(start * AUDIO_RATE)
     clip = wav[a:a + length].astype(np.float64)
-    clip = np.pad(clip, (0, length - len(clip)))
+    clip = normalise_speech_level(np.pad(clip, (0, length - len(clip))))
+    return clip, {"corpus": corpus.name, "file": int(i), "start": round(start, 4),
+                  "end": round(start + seconds, 4)}
+
+
+def normalise_speech_level(clip: np.ndarray, level: float = SPEECH_RMS) -> np.ndarray:
+    """`clip` scaled so the RMS of its voiced 20 ms frames (those above a quarter of the loudest
+    frame's RMS) is `level`: speech level without counting the pauses."""
+    clip = np.asarray(clip, np.float64)
     hop = AUDIO_RATE // 50
     frames = clip[:len(clip) // hop * hop].reshape(-1, hop)
     loud = np.sqrt(np.mean(frames ** 2, axis=1))
-    ref = np.sqrt(np.mean(loud[loud > 0.25 * loud.max()] ** 2)) if loud.max() > 0 else 1.0
-    clip = clip * (SPEECH_RMS / max(ref, 1e-6))
-    return clip, {"corpus": corpus.name, "file": int(i), "start": round(start, 4),
-                  "end": round(start + seconds, 4)}
+    ref = np.sqrt(np.mean(loud[loud > 0.25 * loud.max()] ** 2)) if loud.size and loud.max() > 0 else 1.0
+    return clip * (level / max(ref, 1e-6))
 
 
 def frame_audio_stats(wav: np.ndarray, fps: float, num_frames: int):

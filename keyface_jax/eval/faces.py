@@ -15,7 +15,9 @@ files are located through the import system without importing the package.
 between, the box follows the landmarks (box centre = landmark centroid + the offset measured at
 the last detection), so a moving head is tracked without a detection per frame. A failed
 detection keeps the tracked box for at most `max_track` frames; after that the frame has no
-landmarks (NaN), and callers interpolate over such frames.
+landmarks (NaN), and callers interpolate over such frames, unless a `fallback_box` is given:
+then such frames are measured inside it (a generated video keeps its identity crop's framing,
+so the identity image's face box is where its face is meant to be; the count is reported).
 """
 
 from __future__ import annotations
@@ -133,10 +135,13 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 class FaceTracker:
     """Per-frame 68 landmarks of one face (see the module docstring for the tracking rule)."""
 
-    def __init__(self, models: FaceModels, detect_every: int = 5, max_track: int = 25):
+    def __init__(self, models: FaceModels, detect_every: int = 5, max_track: int = 25,
+                 fallback_box: np.ndarray | None = None):
         if detect_every < 1 or max_track < 0:
             raise ValueError("need detect_every >= 1 and max_track >= 0")
         self.models = models
+        self.fallback_box = None if fallback_box is None else np.asarray(fallback_box, np.float64)
+        self.fallback = 0          # frames measured inside the fallback box
         self.detect_every, self.max_track = int(detect_every), int(max_track)
         self.box = None            # (l, t, r, b) used for the next frame
         self.offset = np.zeros(2)  # detection box centre minus landmark centroid
@@ -168,7 +173,11 @@ class FaceTracker:
                 if self.since_detection > self.max_track:
                     self.box = None
         if self.box is None:
-            return None, None, False
+            if self.fallback_box is None:
+                return None, None, False
+            self.fallback += 1
+            shape = self.models.shape(frame, self.fallback_box)
+            return shape_points(shape), shape, False
         if self.since_detection > 0:
             self.held += 1
         shape = self.models.shape(frame, self.box)
@@ -191,6 +200,7 @@ class FaceTrack:
     found: np.ndarray         # [N] bool: landmarks present (detected or tracked)
     detections: int           # number of successful detector runs
     held: int = 0             # frames whose landmarks used a held box after a failed detection
+    fallback: int = 0         # frames measured inside the fallback box (no face tracked)
 
     @property
     def num_frames(self) -> int:
@@ -205,10 +215,11 @@ class FaceTrack:
 
 
 def track_face(frames: Iterable[np.ndarray], models: FaceModels, detect_every: int = 5,
-               max_track: int = 25, on_frame=None) -> FaceTrack:
+               max_track: int = 25, on_frame=None, fallback_box: np.ndarray | None = None
+               ) -> FaceTrack:
     """Landmarks for every frame; `on_frame(index, frame, shape)` is called for frames with a
     face (identity statistics hook into the same pass, so frames are decoded once)."""
-    tracker = FaceTracker(models, detect_every, max_track)
+    tracker = FaceTracker(models, detect_every, max_track, fallback_box)
     points, found = [], []
     for i, frame in enumerate(frames):
         p, shape, _ = tracker(frame)
@@ -218,7 +229,7 @@ def track_face(frames: Iterable[np.ndarray], models: FaceModels, detect_every: i
             on_frame(i, frame, shape)
     pts = np.stack(points) if points else np.zeros((0, 68, 2))
     return FaceTrack(points=pts, found=np.array(found, bool), detections=tracker.detections,
-                     held=tracker.held)
+                     held=tracker.held, fallback=tracker.fallback)
 
 
 def fill_gaps(values: np.ndarray) -> np.ndarray:

@@ -24,15 +24,21 @@ import numpy as np
 BAR_DRIFT = 0.05
 
 
+def laplacian_variance(image: np.ndarray) -> float:
+    """Sharpness: the variance of the Laplacian of an RGB uint8 image's grey levels."""
+    import cv2
+
+    grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY).astype(np.float64)
+    return float(cv2.Laplacian(grey, cv2.CV_64F, ksize=1).var())
+
+
 def face_colour_and_sharpness(chip: np.ndarray) -> dict:
     """Lab moments and Laplacian variance of an RGB uint8 chip."""
     import cv2
 
     rgb = np.ascontiguousarray(chip).astype(np.float32) / 255.0
     lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float64)
-    grey = cv2.cvtColor(np.ascontiguousarray(chip), cv2.COLOR_RGB2GRAY).astype(np.float64)
-    sharp = float(cv2.Laplacian(grey, cv2.CV_64F, ksize=1).var())
-    return dict(lab_mean=lab.mean(0), lab_std=lab.std(0), sharpness=sharp)
+    return dict(lab_mean=lab.mean(0), lab_std=lab.std(0), sharpness=laplacian_variance(chip))
 
 
 @dataclasses.dataclass
@@ -110,7 +116,30 @@ def drift_summary(wins: list[dict], ref: FaceSample) -> dict:
         colour_drift_delta_e=float(np.linalg.norm(np.subtract(last["lab_mean"],
                                                               first["lab_mean"]))),
         sharpness_last_to_first=sharp,
-        identity_sharpness=ref.sharpness)
+        identity_sharpness=ref.sharpness,
+        mean_similarity=float(np.mean([w["similarity"] for w in full])),
+        mean_sharpness=float(np.mean([w["sharpness"] for w in full])),
+        # the generated face's detail against its input crop's (meaningful when both are at the
+        # video's resolution, as a generator's identity crop is)
+        sharpness_to_identity=float(np.mean([w["sharpness"] for w in full]) / ref.sharpness)
+        if ref.sharpness > 0 else None)
+
+
+def compare(samples: list[FaceSample], ref: FaceSample, others: dict[str, FaceSample]) -> dict:
+    """Mean descriptor similarity of the samples to their own identity and to each other face,
+    and the nearest other face: does the video look more like its input than like the others?"""
+    if not samples:
+        return dict(note="no face samples")
+    mean_to = lambda target: float(np.mean([cosine(s.embedding, target.embedding) for s in samples]))
+    to_others = {name: mean_to(face) for name, face in others.items()}
+    out = dict(own=mean_to(ref), others=to_others,
+               input_to_others={name: cosine(ref.embedding, face.embedding)
+                                for name, face in others.items()})
+    if to_others:
+        nearest = max(to_others, key=to_others.get)
+        out.update(nearest_other=nearest, nearest_other_similarity=to_others[nearest],
+                   closer_to_own=bool(out["own"] > to_others[nearest]))
+    return out
 
 
 def plot(report: dict, path: str) -> str | None:

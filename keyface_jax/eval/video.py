@@ -28,18 +28,32 @@ def analyze(frames: Iterable[np.ndarray], waveform: np.ndarray | None, *,
             window_seconds: float = 5.0, identity_stride: int = 10, detect_every: int = 5,
             max_track: int = 25, max_lag: int = 2, control_shift: float = 1.0,
             guard_frames: int = 2, measure_identity: bool = True,
-            models: faces.FaceModels | None = None) -> dict:
+            models: faces.FaceModels | None = None, identity_box_fallback: bool = False,
+            compare_images: dict[str, np.ndarray] | None = None) -> dict:
     """The report for RGB uint8 frames [H, W, 3] at `fps` and a mono waveform whose sample 0 is
-    the first frame (None: no lip-sync or silence metrics)."""
+    the first frame (None: no lip-sync or silence metrics).
+
+    identity_box_fallback: frames where no face is tracked are measured inside the identity
+    image's face box (scaled to the frame; for generated videos, which keep the identity crop's
+    framing) instead of being left out. compare_images: {name: image} of other faces; the report
+    gives the face samples' mean similarity to each (is the output closer to its own identity?).
+    """
     models = models or faces.FaceModels()
     frames = iter(frames)
     first = next(frames, None)
     if first is None:
         raise ValueError("the video has no frames")
+    reference_image = identity_image if identity_image is not None else first
     ref = None
     if measure_identity:
-        ref = identity.identity_sample(models, identity_image if identity_image is not None
-                                       else first)
+        ref = identity.identity_sample(models, reference_image)
+    fallback = None
+    if identity_box_fallback:
+        boxes = models.detect(reference_image)
+        if not len(boxes):
+            raise ValueError("identity_box_fallback: no face found in the identity image")
+        scale = np.tile(np.divide(first.shape[1::-1], reference_image.shape[1::-1]), 2)
+        fallback = boxes[0] * scale
     samples: list[identity.FaceSample] = []
 
     def on_frame(i, image, shape):
@@ -50,7 +64,7 @@ def analyze(frames: Iterable[np.ndarray], waveform: np.ndarray | None, *,
         yield first
         yield from frames
 
-    track = faces.track_face(all_frames(), models, detect_every, max_track, on_frame)
+    track = faces.track_face(all_frames(), models, detect_every, max_track, on_frame, fallback)
     n = track.num_frames
     raw = track.openings()
     opening = faces.fill_gaps(raw)
@@ -58,7 +72,7 @@ def analyze(frames: Iterable[np.ndarray], waveform: np.ndarray | None, *,
                   face=dict(frames_with_face=int(track.found.sum()),
                             detector_runs_found=track.detections,
                             interpolated_frames=int((~track.found).sum()),
-                            held_box_frames=track.held,
+                            held_box_frames=track.held, fallback_box_frames=track.fallback,
                             detect_every=detect_every, max_track=max_track),
                   mouth=dict(mean_opening=float(np.nanmean(raw)) if track.found.any() else None,
                              motion_energy=float(np.mean(np.abs(np.diff(opening))))
@@ -71,6 +85,10 @@ def analyze(frames: Iterable[np.ndarray], waveform: np.ndarray | None, *,
                            self_similarity=1.0),
             window_seconds=window_seconds, stride_frames=identity_stride,
             summary=identity.drift_summary(wins, ref), windows=wins, samples=rows)
+        if compare_images:
+            report["identity"]["compare"] = identity.compare(
+                samples, ref, {name: identity.identity_sample(models, image)
+                               for name, image in compare_images.items()})
     report["signals"] = dict(
         mouth_opening=[None if not np.isfinite(v) else round(float(v), 5) for v in raw],
         loudness_db=None)
@@ -106,7 +124,8 @@ def read_image(path: str) -> np.ndarray:
 
 
 def evaluate_file(video: str, *, audio: str | None = None, identity_path: str | None = None,
-                  manifest: str | None = None, **kwargs) -> dict:
+                  manifest: str | None = None, compare: dict[str, str] | None = None,
+                  **kwargs) -> dict:
     """`analyze` on a video file (see the module docstring for where audio and identity come
     from). Raises keyface_jax.media.MediaError for unreadable media."""
     from keyface_jax.media.audio import align_to_frames, read_audio
@@ -118,7 +137,9 @@ def evaluate_file(video: str, *, audio: str | None = None, identity_path: str | 
     segments = load_segments(manifest, video) if manifest else None
     image = read_image(identity_path) if identity_path else None
     # the frame pass needs the frame count before the audio can be aligned: decode audio after
-    report = analyze(frames, None, identity_image=image, segments=None, **kwargs)
+    others = {name: read_image(path) for name, path in (compare or {}).items()}
+    report = analyze(frames, None, identity_image=image, segments=None, compare_images=others,
+                     **kwargs)
     n = report["num_frames"]
     wave, audio_note = None, None
     try:

@@ -61,11 +61,18 @@ class GenerationOptions:
     audio_scale: float = guidance.KEYFRAME_AUDIO_SCALE
     ref_scale: float = guidance.KEYFRAME_REF_SCALE
     autoguidance_scale: float = guidance.AUTOGUIDANCE_SCALE
+    # Interpolation guidance: "autoguidance" by the weaker network when one is loaded (else the
+    # plain conditional prediction), or "audio_cfg": the main network without audio as the
+    # guiding branch, at the same scale (what autoguidance is measured against).
+    interpolation_guidance: str = "autoguidance"
     pin_boundaries: bool = True       # see sampling.sampler.pin_endpoints
     crf: int = 18                     # H.264 quality
     save_latents: bool = False        # also write <output>.latents.npy [F, h, w, 4] (memory-mapped)
 
     def __post_init__(self):
+        if self.interpolation_guidance not in ("autoguidance", "audio_cfg"):
+            raise ValueError(f"interpolation_guidance={self.interpolation_guidance!r}: choose "
+                             "autoguidance or audio_cfg")
         if self.decode_frames < 1 or SLOTS % self.decode_frames:   # fail before any sampling
             raise ValueError(f"decode_frames={self.decode_frames} must divide the {SLOTS}-frame "
                              "segment (1, 2, 7 or 14)")
@@ -230,10 +237,13 @@ class Generator:
                               audio=np.stack([clips[c].interpolation_audio[plans[c].segment_rows(j)]
                                               for c, j in batch]))
             keys = jnp.stack([clip_key(clips[c].request.seed, INTERPOLATION_STAGE, j) for c, j in batch])
+            cfg = self.options.interpolation_guidance == "audio_cfg"
             latents = np.array(sample_interpolation(
-                self.good.graphdef, self.good.state, None if self.bad is None else self.bad.state,
+                self.good.graphdef, self.good.state,
+                None if self.bad is None or cfg else self.bad.state,
                 self._put(conditions), self._put(keys), num_steps=self.options.num_steps,
-                scale=self.options.autoguidance_scale, pin_boundaries=self.options.pin_boundaries))
+                scale=self.options.autoguidance_scale, pin_boundaries=self.options.pin_boundaries,
+                audio_cfg=cfg))
             if self.options.pin_boundaries:   # exact keyframes (the sampler saw raw ÷ 0.18215 copies)
                 latents[:, 0], latents[:, -1] = first, last
             queue.extend((c, j, z) for (c, j), z, r in zip(batch, latents, real) if r)

@@ -31,7 +31,7 @@ class ModelSources:
     keyframe: str = "random"              # a weight source: run folder[@step], Orbax export,
     #                                       reference checkpoint, random, or KIND:PATH
     interpolation: str = "random"
-    interpolation_bad: str = "auto"       # auto | none | a weights source
+    interpolation_bad: str = "auto"       # auto | none | fraction:F | step:N | a weights source
     autoencoder: str = "random"           # Orbax export / autoencoder run | random
     audio_features: str = ""              # extractor spec; default logmel:<audio_dim>
     interpolation_audio_features: str = ""  # default: the keyframe stage's
@@ -40,20 +40,51 @@ class ModelSources:
     weights_seed: int = 0                 # for "random" weights
 
 
+# The weaker network of autoguidance (Karras et al. 2024): the same interpolation run, a third of
+# the way through training. A later checkpoint differs too little from the main network to guide;
+# the step-1 checkpoint the trainer always writes is untrained noise (see the demo figures in
+# README "The demo run").
+AUTOGUIDANCE_BAD_FRACTION = 1 / 3
+
+
+def bad_checkpoint(steps: list[int], fraction: float) -> int | None:
+    """The kept checkpoint nearest `fraction` of the last one, if within ±50 % of that target
+    (and never the last itself); None when the run kept none near it."""
+    if not steps or not 0 < fraction < 1:
+        return None
+    last = max(steps)
+    target = fraction * last
+    candidates = [s for s in steps if s < last]
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda s: (abs(s - target), s))
+    return best if abs(best - target) <= 0.5 * target else None
+
+
 def _bad_source(sources: ModelSources) -> str | None:
-    """`auto`: the interpolation run's earliest checkpoint when it has two or more (the reference's
-    bad model was an earlier checkpoint of the same run family, spec §5); otherwise none."""
+    """The weaker interpolation network: `none`; `auto` (= `fraction:1/3`, see
+    AUTOGUIDANCE_BAD_FRACTION); `fraction:F`: the interpolation run's kept checkpoint nearest F ×
+    its last step; `step:N`: that step of the run; or any other weights source."""
     spec = sources.interpolation_bad
     if spec == "none":
         return None
-    if spec != "auto":
-        return spec
+    if spec == "auto":
+        spec = f"fraction:{AUTOGUIDANCE_BAD_FRACTION}"
+    kind, _, value = spec.partition(":")
     main = WeightSource.parse(sources.interpolation)
+    if kind == "step":
+        return f"run:{main.path}@{int(value)}"
+    if kind != "fraction":
+        return spec
     steps = run_steps(main.path) if main.kind == "run" else []
-    if len(steps) >= 2:
-        return f"run:{main.path}@{steps[0]}"
-    log.info("no weaker interpolation network (autoguidance off): pass --interpolation_bad")
-    return None
+    step = bad_checkpoint(steps, float(value))
+    if step is None:
+        log.warning("%s: no kept checkpoint near %s of training (have %s): autoguidance off; "
+                    "pass --interpolation_bad", sources.interpolation, value, steps)
+        return None
+    log.info("autoguidance: weaker network = %s step %d (%.2f of %d steps)", main.path,
+             step, step / max(steps), max(steps))
+    return f"run:{main.path}@{step}"
 
 
 def load_network(config, spec: str, *, seed: int = 0, use_ema: bool = True) -> Network:
