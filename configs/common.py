@@ -8,6 +8,8 @@ Variants:
 
 import ml_collections
 
+from configs.axis_rules import LOGICAL_AXIS_RULES  # noqa: F401  (copied into config.mesh.rules)
+
 # UNet width/depth per variant; everything else follows the paper (spec §2.1).
 UNET_VARIANTS = {
     "tiny": dict(block_out_channels=(32, 64), layers_per_block=(1, 1), num_heads=(1, 2),
@@ -27,30 +29,6 @@ AUTOENCODER_VARIANTS = {
     "full": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2),
 }
 AUDIO_DIM = {"tiny": 32, "small": 1536, "full": 1536}
-
-# Logical axis name → mesh axes ("a,b" for several, "" replicated): the one rules table, read by
-# parameter shardings and activation constraints alike (keyface_jax/sharding.py). Copied into
-# `config.mesh.rules`, so single entries can be overridden: --config.mesh.rules.embed=fsdp,context.
-LOGICAL_AXIS_RULES = {
-    # parameters: the input/"embed" side and conv outputs FSDP-sharded, MLP and attention-head
-    # widths tensor-parallel; norms and small vectors replicated
-    "embed": "fsdp",
-    "mlp": "tensor",
-    "heads": "tensor",
-    "conv_in": "",
-    "conv_out": "fsdp",
-    "norm": "",
-    # activations (block boundaries and attention inputs): clips over the data-parallel axes, a
-    # clip's spatial tokens (rows of its latent) over `context`, heads and MLP widths over `tensor`
-    "act_batch": "data,fsdp",
-    "act_frames": "",
-    "act_height": "context",
-    "act_width": "",
-    "act_tokens": "context",
-    "act_channels": "",
-    "act_heads": "tensor",
-    "act_mlp": "tensor",
-}
 
 # Attention backends (keyface_jax/models/attention_backends.py): auto | xla | chunked | cudnn | splash.
 ATTENTION_DEFAULTS = dict(

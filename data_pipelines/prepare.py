@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from data_pipelines import stages
 from data_pipelines.video_arrays import PrepareOptions
+from keyface_jax import console
 from keyface_jax.media.video_list import list_videos
 
 config_flags.DEFINE_config_file("config", None, "model config (autoencoder, audio_dim)",
@@ -41,6 +42,7 @@ flags.DEFINE_float("shard_mb", 512.0, "shard size")
 flags.DEFINE_bool("wait", True, "wait for the other hosts between stages")
 flags.DEFINE_bool("skip_failed", False, "mark videos failing with unexpected errors skipped")
 flags.DEFINE_bool("progress", True, "progress bar")
+flags.DEFINE_bool("verbose", False, "the libraries' INFO lines too (also KEYFACE_VERBOSE=1)")
 # PrepareOptions fields, same names (image_size 0: the config's autoencoder.image_size).
 _FIELDS = {f.name: f for f in dataclasses.fields(PrepareOptions)
            if f.name not in ("vae", "audio_features", "emotions")}
@@ -54,6 +56,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    console.setup_logging(flags.FLAGS.verbose)
     import jax
 
     from data_pipelines.tools import audio_extractor, build_tools

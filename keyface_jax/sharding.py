@@ -4,7 +4,7 @@ activations, and shardings for abstract model state.
 Every parameter is created with logical axis names (`out_sharding` metadata, see
 `keyface_jax.models.layers`); activations carry logical names at block boundaries
 (`keyface_jax.activation_sharding`). One rules table maps each logical name onto zero or more mesh
-axes. Its default lives in the config data (`configs/common.py: LOGICAL_AXIS_RULES`, copied into
+axes. Its default lives in the config data (`configs/axis_rules.py: LOGICAL_AXIS_RULES`, copied into
 `config.mesh.rules`, overridable per entry: `--config.mesh.rules.embed=fsdp,context`).
 
 Mesh axes, outermost first (ordered by increasing communication, as `mesh_utils` expects):
@@ -25,7 +25,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from configs.common import LOGICAL_AXIS_RULES as _DEFAULT_TABLE
+from configs.axis_rules import LOGICAL_AXIS_RULES as _DEFAULT_TABLE
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 

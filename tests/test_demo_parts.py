@@ -105,9 +105,9 @@ def test_autoguidance_bad_checkpoint_is_a_fraction_of_training(tmp_path):
     for step in (1, 100, 200, 300):
         (run / "checkpoints" / str(step)).mkdir(parents=True)
     pick = lambda spec: _bad_source(ModelSources(interpolation=str(run), interpolation_bad=spec))
-    assert pick("auto") == f"{run}@100"
-    assert pick("fraction:0.66") == f"{run}@200"
-    assert pick("step:200") == f"{run}@200"
+    assert pick("auto") == f"run:{run}@100"
+    assert pick("fraction:0.66") == f"run:{run}@200"
+    assert pick("step:200") == f"run:{run}@200"
     assert pick("none") is None
     assert pick("other/weights") == "other/weights"
 

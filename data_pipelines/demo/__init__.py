@@ -13,7 +13,7 @@ default). Build it with
         [--faces astronaut,hopper,obama --crop_scale 3.6 --max_open 0.4 --photo_cache DIR]
 
 `heldout.py` makes the held-out test speech (TTS, and the JFK recording of the pywhispercpp
-sdist); `packages.py` fetches sdist files (`python -m data_pipelines.demo.packages --cache DIR`).
+sdist); `packages.py` fetches sdist files, `fetch.py` all the demo needs (`python -m data_pipelines.demo.fetch --cache DIR`).
 
 Layout:
 

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from keyface_jax.models.attention import gelu, softmax
+from keyface_jax.models.attention import gelu
+from keyface_jax.models.attention_backends import softmax
 from keyface_jax.models.layers import LayerNorm, Linear, logical_param
 
 ATTENTION_BLOCK = 1024        # query rows attended at once when a sequence is longer than 2 blocks

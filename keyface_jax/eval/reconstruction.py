@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
 import sys
 
 import jax
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from keyface_jax import console, paths
 from keyface_jax.eval.identity import laplacian_variance
 
 # frames per jitted call: one compiled shape, small enough for any memory
@@ -69,11 +68,13 @@ def main(argv=None) -> int:
     p.add_argument("--videos", required=True, help="folder (or list file) of videos not trained on")
     p.add_argument("--frames", type=int, default=64, help="frames scored, spread over the videos")
     p.add_argument("--output", required=True, help="JSON to write")
+    p.add_argument("--verbose", action="store_true", help="the libraries' INFO lines too")
     args = p.parse_args(argv)
+    console.setup_logging(args.verbose)
 
     from keyface_jax.config_lib import load_config
     from keyface_jax.data.video_frames import evaluation_frames, load_video_frames
-    from keyface_jax.generation.weights import load_autoencoder
+    from keyface_jax.generation.runner import load_autoencoder
 
     try:
         videos = load_video_frames(args.videos)
@@ -85,10 +86,8 @@ def main(argv=None) -> int:
     per_video = {name: reconstruction_scores(model, evaluation_frames(
                      {name: v}, max(1, args.frames // len(videos)))) for name, v in videos.items()}
     scores = dict(reconstruction_scores(model, frames), per_video=per_video,
-                  videos=os.path.abspath(args.videos), autoencoder=os.path.abspath(args.autoencoder))
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(scores, f, indent=1)
+                  videos=paths.canonical(args.videos), autoencoder=paths.canonical(args.autoencoder))
+    paths.write_json(args.output, scores, indent=1)
     print(f"autoencoder on {scores['frames']} unseen frames: PSNR {scores['psnr']:.2f} dB, "
           f"sharpness {scores['sharpness_ratio']:.2f}× the originals' → {args.output}")
     return 0

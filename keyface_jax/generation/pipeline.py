@@ -32,18 +32,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from keyface_jax.activation_sharding import activation_sharding
+from keyface_jax.data.batch_layout import batch_sharding
 from keyface_jax.data.schema import AUDIO_RATE, FPS
 from keyface_jax.generation.decoding import decode_jitted
 from keyface_jax.generation.inputs import ClipInputs
+from keyface_jax.generation.placement import batch_ways, bytes_per_device, generation_mesh, place_weights
 from keyface_jax.generation.plan import SLOTS, STRIDE, ClipPlan
 from keyface_jax.media.video import VideoWriter
 from keyface_jax.models.autoencoder import from_diffusion_space, posterior_mode
 from keyface_jax.paths import as_path, is_url, publish, write_bytes
 from keyface_jax.sampling import guidance
 from keyface_jax.sampling.sampler import sample_interpolation, sample_keyframes
+from keyface_jax.sharding import DEFAULT_RULES, Rules
 
 KEYFRAME_STAGE, INTERPOLATION_STAGE = 0, 1
 
@@ -148,22 +152,38 @@ class Generator:
 
     def __init__(self, keyframe: Network, interpolation: Network, autoencoder,
                  interpolation_bad: Network | None = None,
-                 options: GenerationOptions = GenerationOptions(), mesh: Mesh | None = None):
+                 options: GenerationOptions = GenerationOptions(), mesh: Mesh | None = None, *,
+                 dtype=None, rules: Rules = DEFAULT_RULES):
+        """`mesh` (default: clips over this process's devices) and `rules` lay the networks' weights
+        out as in training (FSDP-sharded over an `fsdp` axis) and split each batch over the
+        data-parallel axes; `dtype` (e.g. bfloat16) is the weights' storage dtype for sampling
+        (the networks' graphdefs carry their compute dtype). The autoencoder stays float32,
+        replicated."""
         self.options = options
-        self.mesh = mesh or Mesh(np.asarray(jax.local_devices()), ("data",))
-        devices = self.mesh.size
-        round_up = lambda n: -(-max(int(n), 1) // devices) * devices
+        self.mesh = mesh if mesh is not None else generation_mesh("")
+        self.rules = rules
+        self._batched = batch_sharding(self.mesh)
+        ways = batch_ways(self._batched)
+        round_up = lambda n: -(-max(int(n), 1) // ways) * ways
         self.sizes = dict(keyframe=round_up(options.keyframe_batch),
                           interpolation=round_up(options.interpolation_batch),
                           decode=round_up(options.decode_batch))
-        replicate = NamedSharding(self.mesh, PartitionSpec())
-        self._batched = NamedSharding(self.mesh, PartitionSpec("data"))
-        put = lambda net: None if net is None else Network(net.graphdef,
-                                                           jax.device_put(net.state, replicate))
+        put = lambda net: None if net is None else Network(
+            net.graphdef, place_weights(net.state, self.mesh, dtype=dtype, rules=rules))
         self.keyframe, self.good, self.bad = put(keyframe), put(interpolation), put(interpolation_bad)
         ae_graphdef, ae_state = nnx.split(autoencoder)
-        self.autoencoder = Network(ae_graphdef, jax.device_put(ae_state, replicate))
+        self.autoencoder = Network(ae_graphdef, place_weights(ae_state, self.mesh, shard=False))
         self.latent_shape = tuple(interpolation.state["learned_mask"].shape)
+
+    def weight_bytes_per_device(self) -> dict[str, int]:
+        """Bytes of each network's weights on the most loaded device (what the layout saves)."""
+        nets = dict(keyframe=self.keyframe, interpolation=self.good, interpolation_bad=self.bad,
+                    autoencoder=self.autoencoder)
+        return bytes_per_device({k: n.state for k, n in nets.items() if n is not None})
+
+    def _sampling(self):
+        """The activation-sharding context the samplers are traced in (tensor / context axes)."""
+        return activation_sharding(self.mesh, self.rules)
 
     def _put(self, tree):
         return jax.device_put(tree, self._batched)
@@ -188,10 +208,11 @@ class Generator:
                 valence=np.stack([clips[c].emotions[r, 0] for (c, _), (r, _) in zip(batch, rows)]),
                 arousal=np.stack([clips[c].emotions[r, 1] for (c, _), (r, _) in zip(batch, rows)]))
             keys = jnp.stack([clip_key(clips[c].request.seed, KEYFRAME_STAGE, i) for c, i in batch])
-            latents = np.asarray(sample_keyframes(
-                self.keyframe.graphdef, self.keyframe.state, self._put(conditions), self._put(keys),
-                num_steps=self.options.num_steps, audio_scale=self.options.audio_scale,
-                ref_scale=self.options.ref_scale))
+            with self._sampling():
+                latents = np.asarray(sample_keyframes(
+                    self.keyframe.graphdef, self.keyframe.state, self._put(conditions),
+                    self._put(keys), num_steps=self.options.num_steps,
+                    audio_scale=self.options.audio_scale, ref_scale=self.options.ref_scale))
             for k, ((c, _), (_, index)) in enumerate(zip(batch, rows)):
                 if real[k]:
                     slots = index >= 0
@@ -238,12 +259,13 @@ class Generator:
                                               for c, j in batch]))
             keys = jnp.stack([clip_key(clips[c].request.seed, INTERPOLATION_STAGE, j) for c, j in batch])
             cfg = self.options.interpolation_guidance == "audio_cfg"
-            latents = np.array(sample_interpolation(
-                self.good.graphdef, self.good.state,
-                None if self.bad is None or cfg else self.bad.state,
-                self._put(conditions), self._put(keys), num_steps=self.options.num_steps,
-                scale=self.options.autoguidance_scale, pin_boundaries=self.options.pin_boundaries,
-                audio_cfg=cfg))
+            with self._sampling():
+                latents = np.array(sample_interpolation(
+                    self.good.graphdef, self.good.state,
+                    None if self.bad is None or cfg else self.bad.state,
+                    self._put(conditions), self._put(keys), num_steps=self.options.num_steps,
+                    scale=self.options.autoguidance_scale,
+                    pin_boundaries=self.options.pin_boundaries, audio_cfg=cfg))
             if self.options.pin_boundaries:   # exact keyframes (the sampler saw raw ÷ 0.18215 copies)
                 latents[:, 0], latents[:, -1] = first, last
             queue.extend((c, j, z) for (c, j), z, r in zip(batch, latents, real) if r)
@@ -258,7 +280,7 @@ class Generator:
         z = np.stack(chunks + [chunks[-1]] * (size - len(chunks)))
         ae = self.autoencoder
         return np.asarray(decode_jitted(ae.graphdef, ae.state, self._put(z),
-                                  self.options.decode_frames))[:len(chunks)]
+                                        self.options.decode_frames))[:len(chunks)]
 
     def generate(self, clips: Sequence[ClipInputs], outputs: Sequence[str], *,
                  on_done: Callable[[int, dict], None] | None = None, progress: bool = True) -> list[dict]:

@@ -10,14 +10,16 @@ from typing import Sequence
 from flax import nnx
 
 from keyface_jax.audio import get_extractor
-from keyface_jax.config_lib import autoencoder_config, load_config, network_config
+from keyface_jax.config_lib import autoencoder_config, dtypes, load_config, network_config
 from keyface_jax.generation.inputs import ClipError, ClipRequest, load_clip
 from keyface_jax.generation.manifest import Summary
+from keyface_jax.generation.placement import generation_mesh
 from keyface_jax.generation.pipeline import GenerationOptions, Generator, Network, partial_path
 from keyface_jax.media.face_crop import make_detector
 from keyface_jax.models.autoencoder import AutoencoderKL
 from keyface_jax.models.keyface import build_network
 from keyface_jax.paths import as_path
+from keyface_jax.sharding import rules_from_config
 from keyface_jax.training.run_checkpoints import run_steps
 from keyface_jax.training.weight_sources import WeightSource, autoencoder_state, network_state
 
@@ -38,6 +40,8 @@ class ModelSources:
     detector: str = "centre"              # centre | haar
     use_ema: bool = True
     weights_seed: int = 0                 # for "random" weights
+    dtype: str = ""                       # networks' compute and weight dtype ("": the configs')
+    mesh: str = ""                        # e.g. data=1,fsdp=-1 ("": clips over all devices)
 
 
 # The weaker network of autoguidance (Karras et al. 2024): the same interpolation run, a third of
@@ -87,12 +91,13 @@ def _bad_source(sources: ModelSources) -> str | None:
     return f"run:{main.path}@{step}"
 
 
-def load_network(config, spec: str, *, seed: int = 0, use_ema: bool = True) -> Network:
-    """The network `config.model` describes, with the weights of source `spec`."""
+def load_network(config, spec: str, *, seed: int = 0, use_ema: bool = True, dtype=None) -> Network:
+    """The network `config.model` describes, with the weights of source `spec` (float32 on the
+    host; `dtype` is the compute dtype its graphdef carries)."""
     net_cfg = network_config(config.model)
     if spec == "random":
-        return Network(*nnx.split(build_network(net_cfg, rngs=nnx.Rngs(seed))))
-    abstract = nnx.eval_shape(lambda: build_network(net_cfg, rngs=nnx.Rngs(0)))
+        return Network(*nnx.split(build_network(net_cfg, rngs=nnx.Rngs(seed), dtype=dtype)))
+    abstract = nnx.eval_shape(lambda: build_network(net_cfg, rngs=nnx.Rngs(0), dtype=dtype))
     state = network_state(WeightSource.parse(spec), net_cfg, abstract, seed=seed, use_ema=use_ema)
     return Network(nnx.split(abstract)[0], state)
 
@@ -119,7 +124,10 @@ class Setup:
                              "latent_size / audio_dim")
         self.image_size = 8 * kf_model.latent_size
         self.audio_dim = kf_model.audio_dim
-        load = lambda cfg, src, seed: load_network(cfg, src, seed=seed, use_ema=sources.use_ema)
+        # Sampling keeps no fp32 master copy: the weights are stored in the compute dtype.
+        self.dtype = dtypes(dict(dtype=sources.dtype) if sources.dtype else kf_model)[0]
+        load = lambda cfg, src, seed: load_network(cfg, src, seed=seed, use_ema=sources.use_ema,
+                                                   dtype=self.dtype)
         keyframe = load(self.kf_config, sources.keyframe, sources.weights_seed)
         interpolation = load(self.ip_config, sources.interpolation, sources.weights_seed + 1)
         bad = _bad_source(sources)
@@ -127,7 +135,9 @@ class Setup:
         bad_net = load(self.ip_config, bad, sources.weights_seed + 2) if bad else None
         autoencoder = load_autoencoder(self.kf_config.autoencoder, sources.autoencoder,
                                        seed=sources.weights_seed)
-        self.generator = Generator(keyframe, interpolation, autoencoder, bad_net, options)
+        self.generator = Generator(keyframe, interpolation, autoencoder, bad_net, options,
+                                   generation_mesh(sources.mesh), dtype=self.dtype,
+                                   rules=rules_from_config(self.kf_config.mesh))
         spec = sources.audio_features or f"logmel:{self.audio_dim}"
         self.keyframe_features = get_extractor(spec)
         ip_spec = sources.interpolation_audio_features or spec
