@@ -39,6 +39,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.timing import median_seconds  # noqa: E402
+
 
 class Report:
     """A part's JSON file, rewritten whenever a figure is added."""
@@ -57,17 +59,6 @@ class Report:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    import jax
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # ----------------------------------------------------------------------------- env
@@ -92,7 +83,7 @@ def part_env(args) -> None:
     dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     matmul = jax.jit(lambda a: a @ a)
-    seconds = _median_seconds(lambda: matmul(a), 10)
+    seconds = median_seconds(lambda: matmul(a), 10)
     report.add(matmul=dict(n=n, dtype=str(jnp.dtype(dtype)), seconds=seconds,
                            flops_per_s=2.0 * n ** 3 / seconds))
     print(json.dumps(report.data, indent=1, default=str), flush=True)

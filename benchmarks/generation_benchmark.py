@@ -38,6 +38,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import median_seconds  # noqa: E402
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
@@ -112,15 +114,6 @@ def headroom(args) -> dict:
     def forward(state, inputs):
         kwargs = dict(inputs)
         return nnx.merge(graphdef, state)(kwargs.pop("x"), kwargs.pop("c_noise"), **kwargs)
-
-    def median_seconds(fn, repeats: int = 15) -> float:
-        jax.block_until_ready(fn())
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
 
     out = {}
     for batch in (1, args.batch):

@@ -196,3 +196,14 @@ def test_count_collectives():
     assert pm.collectives_summary(out).startswith("AG 2×")
     assert pm.count_collectives("%add = f32[] add(%all-gather.1, %b)") == \
         {k: {"count": 0, "bytes": 0} for k in pm.COLLECTIVES}
+
+
+def test_rule_overrides_and_keys():
+    overrides = pm.parse_rule_overrides(["heads=", "embed = fsdp,context"])
+    assert overrides == {"heads": "", "embed": "fsdp,context"}
+    assert pm.result_key("k:xla:none:fsdp:1", overrides) == "k:xla:none:fsdp:1@embed=fsdp,context,heads="
+    assert pm.result_key("k:xla:none:fsdp:1", {}) == "k:xla:none:fsdp:1"
+    with pytest.raises(pm.CaseError, match="'nope=fsdp'"):
+        pm.parse_rule_overrides(["nope=fsdp"])
+    with pytest.raises(pm.CaseError, match="name=axes"):
+        pm.parse_rule_overrides(["heads"])
