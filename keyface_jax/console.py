@@ -13,6 +13,17 @@ _LIBRARIES = ("absl", "orbax", "jax", "grain", "gcsfs", "fsspec", "google", "url
               "tensorstore", "matplotlib", "PIL", "h5py")
 
 
+# Library warnings that say nothing about the job: Orbax looks for per-item metadata where our
+# run checkpoints keep it one level up, and restores fine without it.
+_HARMLESS = ("Metadata file does not exist",)
+
+
+class _DropHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in _HARMLESS)
+
+
 def verbose_requested(flag: bool = False) -> bool:
     return flag or os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes", "on")
 
@@ -26,7 +37,12 @@ def setup_logging(verbose: bool = False) -> bool:
     logging.getLogger("keyface_jax").setLevel(logging.INFO)
     logging.getLogger("data_pipelines").setLevel(logging.INFO)
     for name in _LIBRARIES:
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO if verbose else logging.WARNING)
+        for old in [f for f in logger.filters if isinstance(f, _DropHarmless)]:
+            logger.removeFilter(old)
+        if not verbose:
+            logger.addFilter(_DropHarmless())
     try:
         from absl import logging as absl_logging
         absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)

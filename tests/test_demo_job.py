@@ -58,6 +58,7 @@ def test_demo_job_from_a_clone_runs_end_to_end_and_resumes(tmp_path):
     # a readable console: stage lines and results, not the libraries' INFO chatter or tracebacks
     assert "Traceback" not in proc.stderr and "DatasetIterator" not in proc.stderr
     assert not [line for line in proc.stderr.splitlines() if "orbax" in line.lower()]
+    assert "Metadata file does not exist" not in proc.stderr
     report = json.loads((out / "report" / "metrics.json").read_text())
     # every headline figure is there and finite, even from 3-step models (faces are measured in
     # the identity image's box where dlib finds none: report.face.fallback_box_frames says so)
