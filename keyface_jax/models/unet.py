@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -139,9 +140,14 @@ class VideoUNet(nnx.Module):
             return h
 
         enabled, policy = remat_policy(self.config.remat, self.config.remat_policy)
-        if enabled:
-            run = nnx.remat(run, policy=policy)
-        return run(block, h, emb, context)
+        if not enabled:
+            return run(block, h, emb, context)
+        # A pure function of the block's state under jax.checkpoint, not nnx.remat: nnx.remat
+        # writes the state back after the call, which fails for frozen parameters (they live at
+        # the jit trace level, below the gradient's) and there is nothing to write back anyway.
+        graphdef, state = nnx.split(block)
+        pure = lambda state, h, emb, context: run(nnx.merge(graphdef, state), h, emb, context)
+        return jax.checkpoint(pure, policy=policy)(state, h, emb, context)
 
     def __call__(self, x, c_noise, context, y=None):
         b, t = x.shape[:2]
