@@ -158,11 +158,18 @@ def parse_rule_overrides(items) -> dict[str, str]:
     return out
 
 
-def result_key(key: str, overrides: dict[str, str] | None) -> str:
-    """A case's key in the results file; rule overrides are part of it ('...:1@heads=')."""
-    if not overrides:
-        return key
-    return key + "@" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+def result_key(key: str, overrides: dict[str, str] | None, libtpu_flags=()) -> str:
+    """A case's key in the results file; rule overrides and compiler flags are part of it
+    ('...:1@heads=', '...:1+xla_tpu_scheduler_percent_shared_memory_limit=5')."""
+    if overrides:
+        key += "@" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+    if libtpu_flags:
+        key += "+" + ",".join(f.lstrip("-") for f in libtpu_flags)
+    return key
+
+
+def case_key(key: str, args) -> str:
+    return result_key(key, args.overrides, getattr(args, "libtpu_flags", ()))
 
 
 def mesh_sizes(mesh: str, num_devices: int) -> dict[str, int]:
@@ -538,7 +545,8 @@ def run_case(case: Case, args, devices) -> dict:
     entry = dict(kind=case.kind, attention=case.attention, remat=case.remat, mesh=case.mesh,
                  mesh_shape={k: v for k, v in sizes.items() if v > 1}, global_batch=global_batch,
                  batch_per_shard=per_shard, variant=args.variant, dtype=DTYPES[args.dtype],
-                 topology=args.topology, pixel_losses=False, rule_overrides=dict(args.overrides))
+                 topology=args.topology, pixel_losses=False, rule_overrides=dict(args.overrides),
+                 libtpu_flags=list(getattr(args, "libtpu_flags", ())))
     start = time.perf_counter()
     try:
         config = case_config(case, args.variant, args.dtype, global_batch, args.overrides)
@@ -576,7 +584,7 @@ def _meta(args) -> dict:
 
 
 def record_case(case: Case, args, devices, path) -> dict:
-    key = result_key(case.key, args.overrides)
+    key = case_key(case.key, args)
     progress(f"compiling {key} ({args.variant}, {args.topology}) ...")
     entry = run_case(case, args, devices)
     merge_result(path, "cases", key, entry, _meta(args))
@@ -584,14 +592,28 @@ def record_case(case: Case, args, devices, path) -> dict:
     return entry
 
 
+def reusable_entry(path, key: str, args) -> dict | None:
+    """The results file's entry for `key` when it was compiled for the same variant, topology and
+    jax (and did not fail); None otherwise. A full-size compile costs 10-15 min on 2 cores."""
+    data = load_results(path)
+    entry = data["cases"].get(key)
+    same = all(data.get(k) == v for k, v in _meta(args).items())
+    return entry if same and entry and "error" not in entry and entry.get("memory") else None
+
+
 def largest_batch(stem: Case, args, devices, path, budgets, max_tries: int = 4) -> dict:
     """Batch 1 and 2 compiled, growth per batch element fitted, the largest batch predicted per
-    budget and then compiled to verify (stepping down while it does not fit)."""
+    budget and then compiled to verify (stepping down while it does not fit). With `args.reuse`,
+    cases already in the results file (same variant, topology, jax) are taken from it."""
     compiled: dict[int, dict] = {}
 
     def measure(batch: int) -> dict:
         if batch not in compiled:
-            compiled[batch] = record_case(stem.with_batch(batch), args, devices, path)
+            case = stem.with_batch(batch)
+            old = reusable_entry(path, case_key(case.key, args), args) if getattr(args, "reuse", False) else None
+            if old is not None:
+                progress(f"reusing {case_key(case.key, args)} from {path}")
+            compiled[batch] = old or record_case(case, args, devices, path)
         return compiled[batch]
 
     result = dict(headroom=HEADROOM, budget_unit="GB (1e9 bytes) per chip", variant=args.variant,
@@ -600,7 +622,7 @@ def largest_batch(stem: Case, args, devices, path, budgets, max_tries: int = 4) 
         e = measure(b)
         if "error" in e:
             result["error"] = f"batch {b}: {e['error']}"
-            merge_result(path, "largest_batch", result_key(stem.stem, args.overrides), result, _meta(args))
+            merge_result(path, "largest_batch", case_key(stem.stem, args), result, _meta(args))
             return result
     points = [(b, compiled[b]["memory"]["total_bytes"]) for b in (1, 2)]
     intercept, slope = linear_fit(points)
@@ -625,8 +647,8 @@ def largest_batch(stem: Case, args, devices, path, budgets, max_tries: int = 4) 
             batch -= max(1, math.ceil(over / slope))
         entry["verified"] = verified
         result["budgets"][f"{budget:g}"] = entry
-        merge_result(path, "largest_batch", result_key(stem.stem, args.overrides), result, _meta(args))
-        progress(f"{result_key(stem.stem, args.overrides)}: {budget:g} GB → predicted batch {predicted}, verified {verified}")
+        merge_result(path, "largest_batch", case_key(stem.stem, args), result, _meta(args))
+        progress(f"{case_key(stem.stem, args)}: {budget:g} GB → predicted batch {predicted}, verified {verified}")
     return result
 
 
@@ -649,6 +671,13 @@ def main(argv=None) -> int:
     p.add_argument("--largest_batch", action="append", default=[],
                    help="kind:attention:remat:mesh (repeatable): largest batch per budget")
     p.add_argument("--budget_gb", default="16,95,141", help="per-chip budgets in GB for --largest_batch")
+    p.add_argument("--libtpu_flag", action="append", default=[], dest="libtpu_flags",
+                   help="a libtpu compiler flag for every case (repeatable; part of the result "
+                        "key), e.g. --xla_tpu_scheduler_percent_shared_memory_limit=5: the "
+                        "scheduler then plans for that share of HBM instead of overlapping "
+                        "FSDP gathers up to the whole chip")
+    p.add_argument("--reuse", action="store_true",
+                   help="--largest_batch takes cases already in the results file instead of recompiling")
     p.add_argument("--table", action="store_true", help="print the results file as Markdown tables")
     p.add_argument("--results", default=None, help="results file (default benchmarks/results/"
                                                    "pod_memory_<variant>.json)")
@@ -659,6 +688,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     # JAX's own backend stays the CPU (no TPU attached); libtpu compiles for the topology only
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.libtpu_flags:   # read once, when libtpu initialises (topology_devices)
+        os.environ["LIBTPU_INIT_ARGS"] = " ".join(
+            [os.environ.get("LIBTPU_INIT_ARGS", "")] + [f if f.startswith("-") else "--" + f
+                                                         for f in args.libtpu_flags]).strip()
     path = pathlib.Path(args.results) if args.results else results_path(args.variant)
     try:
         cases = [parse_case(c) for c in args.case]

@@ -132,9 +132,10 @@ def add_training_sections(config, kind: str, variant: str) -> None:
     config.optim = ml_collections.ConfigDict(dict(
         lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,  # the reference's AdamW
         warmup_steps=0 if variant == "full" else 20,
-        # tiny/small: from scratch in a few hundred steps, the decay to 0 cleans up the last
-        # steps' noise in the weights (the demo's table in the README)
-        schedule="constant" if variant == "full" else "cosine",   # constant | cosine (after warm-up)
+        # constant for every size: on the demo (one seed, same data and autoencoder) cosine
+        # decay to 0 over its 300 steps cut lip sync from r = 0.30 to 0.13 on held-out TTS
+        # speech and 0.36 to 0.13 on the JFK recording (final interpolation loss 0.21 vs 0.30)
+        schedule="constant",          # constant | cosine (after warm-up)
         total_steps=steps,
         grad_clip=0.0,                # global-norm clip; 0 = off
         accum_steps=1,                # micro-batches per update (scan inside one jitted step)

@@ -109,6 +109,22 @@ def test_merge_result_keeps_earlier_cases(tmp_path):
     assert pm.load_results(tmp_path / "missing.json") == {"cases": {}, "largest_batch": {}}
 
 
+def test_reusable_entry_only_for_same_compile_target(tmp_path):
+    import types
+    import jax
+
+    path = tmp_path / "pod_memory_full.json"
+    meta = dict(variant="full", topology="v5p:2x2x1", jax=jax.__version__)
+    pm.merge_result(path, "cases", "k:xla:none:fsdp:1", _entry(4.0), meta)
+    pm.merge_result(path, "cases", "k:xla:none:fsdp:2", dict(error="OOM"), meta)
+    args = types.SimpleNamespace(variant="full", topology="v5p:2x2x1")
+    assert pm.reusable_entry(path, "k:xla:none:fsdp:1", args)["memory"]["temp_bytes"] == 4 * GIB
+    assert pm.reusable_entry(path, "k:xla:none:fsdp:2", args) is None        # failed: compile again
+    assert pm.reusable_entry(path, "k:xla:none:fsdp:3", args) is None        # never compiled
+    other = types.SimpleNamespace(variant="full", topology="v5p:4x4x4")
+    assert pm.reusable_entry(path, "k:xla:none:fsdp:1", other) is None       # another target
+
+
 def test_memory_fields_total():
     class Analysis:
         argument_size_in_bytes, output_size_in_bytes = 10, 8
@@ -203,6 +219,8 @@ def test_rule_overrides_and_keys():
     assert overrides == {"heads": "", "embed": "fsdp,context"}
     assert pm.result_key("k:xla:none:fsdp:1", overrides) == "k:xla:none:fsdp:1@embed=fsdp,context,heads="
     assert pm.result_key("k:xla:none:fsdp:1", {}) == "k:xla:none:fsdp:1"
+    assert (pm.result_key("k:xla:none:fsdp:1", {}, ["--xla_tpu_x=5"])
+            == "k:xla:none:fsdp:1+xla_tpu_x=5")
     with pytest.raises(pm.CaseError, match="'nope=fsdp'"):
         pm.parse_rule_overrides(["nope=fsdp"])
     with pytest.raises(pm.CaseError, match="name=axes"):

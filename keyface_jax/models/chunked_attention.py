@@ -88,10 +88,13 @@ def _forward(q, k, v, chunk):
         init = (jnp.full((n, h, cq), _NEG, jnp.float32), jnp.zeros((n, h, cq), jnp.float32),
                 jnp.zeros((n, h, cq, d), jnp.float32))
         (m, l, acc), _ = jax.lax.scan(key_block, init, (ks, vs, valid))
-        return None, ((acc / l[..., None]).transpose(0, 2, 1, 3), m + jnp.log(l))
+        # cast per block: the stacked scan output is then [nq, ...] in v's dtype, not fp32 (the
+        # TPU compile of `full` held ten such fp32 stacks live at its peak, 1.25 GB)
+        out = (acc / l[..., None]).transpose(0, 2, 1, 3).astype(v.dtype)
+        return None, (out, m + jnp.log(l))
 
     _, (out, lse) = jax.lax.scan(query_block, None, _blocks(q, cq))
-    return _unblock(out, q.shape[1]).astype(v.dtype), lse        # lse [nq, N, H, cq]
+    return _unblock(out, q.shape[1]), lse                        # lse [nq, N, H, cq]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -127,12 +130,12 @@ def _attention_bwd(chunk, residuals, dout):
             return dq, (dk, dv)
 
         dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qc.shape, jnp.float32), (ks, vs, valid))
-        return (carry[0] + dk, carry[1] + dv), dq
+        return (carry[0] + dk, carry[1] + dv), dq.astype(dtype)   # complete: cast per block
 
     zeros = jnp.zeros(ks.shape, jnp.float32)
     (dk, dv), dq = jax.lax.scan(query_block, (zeros, zeros),
                                 (_blocks(q, cq), _blocks(dout.astype(dtype), cq), lse, deltas))
-    return (_unblock(dq, q.shape[1]).astype(q.dtype), _unblock(dk, k.shape[1]).astype(k.dtype),
+    return (_unblock(dq, q.shape[1]), _unblock(dk, k.shape[1]).astype(k.dtype),
             _unblock(dv, v.shape[1]).astype(v.dtype))
 
 
