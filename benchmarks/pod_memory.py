@@ -17,7 +17,9 @@ the state donated, traced under the rules' activation-sharding context) or the g
 
 - `memory_analysis()`: argument, output, alias and temporary bytes per chip; total = arguments +
   outputs − aliased (donated state updated in place) + temporaries;
-- `cost_analysis()`: FLOPs per chip (the partitioned program);
+- `cost_analysis()`: FLOPs per chip (the partitioned program). XLA counts a loop body once, not
+  once per trip, so cases whose attention runs in scans (`chunked`) or Pallas kernels (`splash`)
+  under-report: compare FLOPs between `xla` cases only;
 - the optimized HLO: collectives (all-gather, reduce-scatter, all-reduce, all-to-all,
   collective-permute) counted and their result bytes summed, each op once as written in the
   program text (an op inside a loop body counts once, not once per iteration).
@@ -376,6 +378,18 @@ def render_table(data: dict) -> str:
         lines.append("")
         lines.append(f"Budgets in GB (10⁹ bytes) per chip with {int(HEADROOM * 100)} % left free; "
                      "total = arguments + outputs − aliased + temporaries.")
+    ops = data.get("attention_op") or {}
+    if ops:   # benchmarks/attention_memory.py: one layer's forward + backward per backend
+        lines += ["", "| attention layer fwd+bwd (backend:clips×tokens×heads×dim) | temps GiB | "
+                  "of xla's |", "|---|---|---|"]
+        for key in sorted(ops, key=lambda k: (k.split(":")[1], k)):
+            e, shape = ops[key], key.split(":")[1]
+            if "error" in e:
+                lines.append(f"| `{key}` | error: {e['error'].splitlines()[0][:80]} | |")
+                continue
+            temp = e["memory"]["temp_bytes"]
+            base = ops.get(f"xla:{shape}", {}).get("memory", {}).get("temp_bytes")
+            lines.append(f"| `{key}` | {_gib(temp)} | {f'{temp / base:.0%}' if base else '–'} |")
     return "\n".join(lines)
 
 

@@ -153,6 +153,16 @@ def test_render_table():
     assert "5.00" in big and "3.00" in big
 
 
+def test_render_attention_op_table():
+    op = lambda temp: dict(memory=dict(temp_bytes=int(temp * GIB)))
+    data = dict(attention_op={"xla:14x4096x5x64": op(6.0), "chunked:14x4096x5x64": op(0.6),
+                              "splash:14x4096x5x64": dict(error="LoweringError: no\nmore")})
+    lines = pm.render_table(data).splitlines()
+    assert next(l for l in lines if "`chunked:14x4096x5x64`" in l).endswith("| 0.60 | 10% |")
+    assert next(l for l in lines if "`xla:14x4096x5x64`" in l).endswith("| 6.00 | 100% |")
+    assert any("splash" in l and "error: LoweringError: no" in l for l in lines)
+
+
 def test_case_line():
     assert pm.case_line("k", dict(error="RuntimeError: boom\nstack")) == "k: ERROR RuntimeError: boom"
     line = pm.case_line("k", _entry(2.0))
