@@ -60,8 +60,7 @@ def compile_attention(backend: str, device, clips: int, tokens: int, heads: int,
     except Exception as e:  # noqa: BLE001 - a backend that cannot lower is a result, not a crash
         entry["error"] = f"{type(e).__name__}: {e}"[:2000]
         return entry
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, list) else cost
+    cost = pm.cost_fields(compiled)
     entry.update(memory=pm.memory_fields(compiled.memory_analysis()),
                  flops=float(cost["flops"]) if cost.get("flops") else None,
                  compile_s=time.perf_counter() - start)

@@ -403,6 +403,12 @@ def memory_fields(analysis) -> dict[str, int]:
     return out
 
 
+def cost_fields(compiled) -> dict:
+    """`compiled.cost_analysis()` as one dict (jax versions return a dict or a one-item list)."""
+    cost = compiled.cost_analysis()
+    return cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+
+
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -576,8 +582,7 @@ def run_case(case: Case, args, devices) -> dict:
     except Exception as e:  # noqa: BLE001 - recorded per case; the run goes on
         entry.update(error=f"{type(e).__name__}: {e}"[:4000], seconds=time.perf_counter() - start)
         return entry
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    cost = cost_fields(compiled)
     hlo = compiled.as_text()
     if getattr(args, "dump_hlo", None):
         folder = pathlib.Path(args.dump_hlo)
@@ -691,7 +696,9 @@ def main(argv=None) -> int:
                         "scheduler then plans for that share of HBM instead of overlapping "
                         "FSDP gathers up to the whole chip")
     p.add_argument("--reuse", action="store_true",
-                   help="--largest_batch takes cases already in the results file instead of recompiling")
+                   help="--largest_batch takes cases already in the results file (same variant, "
+                        "topology and jax) instead of recompiling; it cannot tell whether the "
+                        "code changed since, so use it only when the step is unchanged")
     p.add_argument("--table", action="store_true", help="print the results file as Markdown tables")
     p.add_argument("--results", default=None, help="results file (default benchmarks/results/"
                                                    "pod_memory_<variant>.json)")
