@@ -113,24 +113,50 @@ def host_slice(items: Sequence[VideoItem], num_hosts: int, host_index: int) -> l
     return list(items[host_index * n // num_hosts:(host_index + 1) * n // num_hosts])
 
 
+PATHS_KEY = "paths_from_workspace"   # options.json: the options' local paths, relative to it
+
+
+def _local_paths(record: dict) -> dict:
+    """The options whose values are absolute local paths (inputs such as the VAE export)."""
+    return {k: v for k, v in record["options"].items() if isinstance(v, str) and os.path.isabs(v)}
+
+
+def _without_paths(record: dict) -> dict:
+    paths = _local_paths(record)
+    options = {k: v for k, v in record["options"].items() if k not in paths}
+    return dict({k: v for k, v in record.items() if k != PATHS_KEY}, options=options)
+
+
 def check_options(ws: Workspace, record: dict) -> None:
     """Stores the options on the first run; a later run with other values is refused (its
-    cache would mix two datasets)."""
+    cache would mix two datasets). Input paths match either as written (the dataset folder moved
+    alone) or relative to the work area (the dataset moved together with its inputs, e.g. a
+    whole demo output folder)."""
     path = os.path.join(ws.root, "options.json")
     record = json.loads(json.dumps(record))  # tuples → lists, as read back
+    root = os.path.realpath(ws.root)
+    record[PATHS_KEY] = {k: os.path.relpath(v, root) for k, v in _local_paths(record).items()}
     if not os.path.exists(path):
         dataset_writer.write_json(path, record)
         return
     old = dataset_writer.read_json(path)
-    if old != record:
-        flat = lambda d: {f"{k}.{i}" if isinstance(v, dict) else k: (w if isinstance(v, dict) else v)
-                          for k, v in d.items()
-                          for i, w in (v.items() if isinstance(v, dict) else [(None, v)])}
-        before, now = flat(old), flat(record)
-        diff = [f"{k}: {before.get(k)!r} then, {now.get(k)!r} now"
-                for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-        raise ValueError(f"{ws.root} was prepared with other options ({'; '.join(diff)}): "
-                         "use another --output (or delete it) to prepare with new ones")
+    if old == record:
+        return
+    if _without_paths(old) == _without_paths(record) and old.get(PATHS_KEY) == record[PATHS_KEY]:
+        dataset_writer.write_json(path, record)   # moved with its inputs: record where they are now
+        return
+    if {k: v for k, v in old.items() if k != PATHS_KEY} == \
+            {k: v for k, v in record.items() if k != PATHS_KEY}:
+        return   # the dataset folder moved, its inputs did not
+    flat = lambda d: {f"{k}.{i}" if isinstance(v, dict) else k: (w if isinstance(v, dict) else v)
+                      for k, v in d.items()
+                      for i, w in (v.items() if isinstance(v, dict) else [(None, v)])}
+    before, now = flat(old), flat(record)
+    diff = [f"{k}: {before.get(k)!r} then, {now.get(k)!r} now"
+            for k in sorted(set(before) | set(now))
+            if before.get(k) != now.get(k) and not k.startswith(PATHS_KEY)]
+    raise ValueError(f"{ws.root} was prepared with other options ({'; '.join(diff)}): "
+                     "use another --output (or delete it) to prepare with new ones")
 
 
 def run_one(item: VideoItem, opts: PrepareOptions, tools: Tools, ws: Workspace) -> dict:

@@ -361,3 +361,26 @@ def test_encoder_weights_from_diffusers_folder_and_sgm_file(tmp_path):
     write_safetensors(sgm, tmp_path / "svd.safetensors")
     again = load_encoder(str(tmp_path / "svd.safetensors"), model.config)
     np.testing.assert_array_equal(LatentEncoder(again, batch_size=2, mode=True)(images, "v"), got)
+
+
+def test_options_follow_a_moved_dataset(tmp_path):
+    """A dataset moved together with its inputs (e.g. a whole demo folder), or moved alone, is
+    the same dataset; a changed input path or value is still refused."""
+    def check(dataset, vae, **options):
+        ws = stages.Workspace(stages.RunConfig(output=str(dataset)))
+        stages.check_options(ws, dict(options=dataclasses.asdict(PrepareOptions(vae=str(vae), **options)),
+                                      dataset=dict(audio_dim=32), name="d"))
+
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    check(first / "dataset", first / "runs" / "vae")
+    check(first / "dataset", first / "runs" / "vae")              # a plain re-run
+    os.rename(first, moved)
+    check(moved / "dataset", moved / "runs" / "vae")              # moved with its inputs
+    options = json.loads((moved / "dataset" / "_prepare" / "options.json").read_text())
+    assert options["options"]["vae"] == str(moved / "runs" / "vae")
+    os.rename(moved / "dataset", tmp_path / "alone")
+    check(tmp_path / "alone", moved / "runs" / "vae")             # moved alone
+    with pytest.raises(ValueError, match="other options.*vae"):
+        check(tmp_path / "alone", tmp_path / "other")
+    with pytest.raises(ValueError, match="other options.*seed"):
+        check(tmp_path / "alone", moved / "runs" / "vae", seed=3)
