@@ -29,7 +29,7 @@ A case is `kind:attention:remat:mesh:batch`:
   case compiles the whole jitted sampler, the Euler loop with its guidance branches folded into
   the batch: 3 branches for keyframes, the main and the weaker network for interpolation);
 - attention: auto | xla | chunked | cudnn | splash (`config.model.attention`);
-- remat: none | block | block_save_attention | block_save_dots (`config.model.remat_policy`);
+- remat: none | block | block_save_attention | block_save_dots | block_ffn (`config.model.remat_policy`);
 - mesh: fsdp (every chip on fsdp) | fsdp_tensor (tensor 2, fsdp the rest) | fsdp_context
   (context 2, fsdp the rest);
 - batch: clips per data-parallel shard (per chip on the `fsdp` mesh; the global batch is this
@@ -61,7 +61,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 KINDS = ("keyframe_train", "interpolation_train", "keyframe_sample", "interpolation_sample")
 ATTENTIONS = ("auto", "xla", "chunked", "cudnn", "splash")
-REMATS = ("none", "block", "block_save_attention", "block_save_dots")
+REMATS = ("none", "block", "block_save_attention", "block_save_dots", "block_ffn")
 # Mesh name → config.mesh axis sizes (-1: the chips left over).
 MESHES = {
     "fsdp": {"fsdp": -1},

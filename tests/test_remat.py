@@ -14,6 +14,7 @@ from configs import keyframe
 from keyface_jax.config_lib import network_config
 from keyface_jax.models.attention_backends import AttentionConfig
 from keyface_jax.models.remat import REMAT_POLICIES, remat_policy
+from keyface_jax.models.transformer import SpatialVideoTransformer
 from keyface_jax.models.unet import UNetConfig, VideoUNet
 
 ONE_LEVEL = UNetConfig(in_channels=4, out_channels=4, block_out_channels=(32,), layers_per_block=(1,),
@@ -60,6 +61,49 @@ def test_policy_resolution_and_config_defaults():
     assert keyframe.get_config("full").model.dtype == "bfloat16"
     assert keyframe.get_config("full").model.param_dtype == "float32"
     assert remat_policy(tiny.remat, tiny.remat_policy)[0] is False
+
+
+def _wide_feed_forward_residuals(remat_feed_forward: bool):
+    """Shapes of the activations a video transformer (32 channels, 8×8 tokens, 2 frames) keeps for
+    its backward pass that are as wide as a feed-forward's inner layer (4 × 32)."""
+    module = SpatialVideoTransformer(32, 2, 1, 16, rngs=nnx.Rngs(0), remat_feed_forward=remat_feed_forward)
+    graphdef, state = nnx.split(module)
+    x, context = jnp.ones((1, 2, 8, 8, 32)), jnp.ones((1, 2, 16))
+    loss = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x, context))
+    return {aval.shape for aval, what in saved_residuals(loss, state, x)
+            if "argument" not in what and aval.shape[-1:] == (128,) and 64 in aval.shape}
+
+
+def test_block_ffn_keeps_no_feed_forward_intermediates():
+    """Inside a block's recomputation (`block_ffn`), each feed-forward keeps only its input: its
+    GEGLU's 4×-wide halves are recomputed in its own backward instead of being held beside the
+    rest of the block's activations."""
+    assert _wide_feed_forward_residuals(False)   # spatial [B, T, L, 4C] and temporal [B, L, T, 4C]
+    assert not _wide_feed_forward_residuals(True)
+
+
+@pytest.mark.parametrize("policy", ["block", "block_ffn"])
+def test_remat_policies_equal_no_remat(policy):
+    """Values and parameter gradients of a remat policy equal those without remat (parameters
+    perturbed, so that the zero-initialised output layers pass gradients to every block)."""
+    results = {}
+    for name in ("none", policy):
+        cfg = dataclasses.replace(ONE_LEVEL, remat=name != "none", remat_policy=name)
+        graphdef, state = nnx.split(VideoUNet(cfg, rngs=nnx.Rngs(0)))
+        leaves, treedef = jax.tree.flatten(state)
+        keys = jax.random.split(jax.random.key(3), len(leaves))
+        state = jax.tree.unflatten(treedef, [a + 0.05 * jax.random.normal(k, a.shape, a.dtype)
+                                             for a, k in zip(leaves, keys)])
+        x = jax.random.normal(jax.random.key(1), (1, 2, 8, 8, 4))
+        c_noise, context = jnp.ones((1,)), jax.random.normal(jax.random.key(2), (1, 2, 16))
+        loss = lambda state: jnp.mean(jnp.square(nnx.merge(graphdef, state)(x, c_noise, context)))
+        results[name] = jax.jit(jax.value_and_grad(loss))(state)
+    np.testing.assert_allclose(results[policy][0], results["none"][0], rtol=1e-6)
+    grads = [jax.tree.leaves(results[name][1]) for name in ("none", policy)]
+    assert len(grads[0]) == len(grads[1]) > 0
+    assert all(np.abs(a).max() > 0 for a in grads[0])   # every parameter takes part
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
 
 
 def test_remat_with_frozen_parameters_trains_like_no_remat():

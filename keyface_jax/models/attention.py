@@ -18,6 +18,7 @@ from keyface_jax import activation_sharding as act
 from keyface_jax.models.attention_backends import DEFAULT, AttentionConfig, dot_product_attention
 from keyface_jax.models.chunked_attention import OUTPUT_NAME
 from keyface_jax.models.layers import Identity, Linear, dense
+from keyface_jax.models.remat import checkpoint_module
 
 
 class CrossAttention(nnx.Module):
@@ -103,16 +104,24 @@ def gelu(x):
 
 
 class FeedForward(nnx.Module):
-    """`net` = [GEGLU(dim → 4·dim), dropout, Linear(4·dim → dim_out)], indexed like the reference."""
+    """`net` = [GEGLU(dim → 4·dim), dropout, Linear(4·dim → dim_out)], indexed like the reference.
+    With `remat` it runs under a checkpoint of its own (the `block_ffn` remat policy)."""
 
     def __init__(self, dim: int, dim_out: int | None = None, mult: int = 4, *, rngs, dtype=None,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, remat: bool = False):
+        self.remat = remat
         inner = dim * mult
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.net = nnx.List([GEGLU(dim, inner, **kw), Identity(),
                              Linear(inner, dim_out or dim, axes=("mlp", "embed"), **kw)])
 
     def __call__(self, x):
+        if self.remat:
+            return checkpoint_module(self, FeedForward._apply, x,
+                                     policy=jax.checkpoint_policies.nothing_saveable)
+        return self._apply(x)
+
+    def _apply(self, x):
         for layer in self.net:
             x = layer(x)
         return x

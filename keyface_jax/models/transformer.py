@@ -21,10 +21,11 @@ class BasicTransformerBlock(nnx.Module):
     """Self-attention, cross-attention over the context, GEGLU feed-forward; pre-LN residuals."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, *, rngs, dtype=None,
-                 param_dtype=jnp.float32, attention: AttentionConfig = DEFAULT):
+                 param_dtype=jnp.float32, attention: AttentionConfig = DEFAULT,
+                 remat_feed_forward: bool = False):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.attn1 = CrossAttention(dim, heads, dim_head, attention=attention, **kw)
-        self.ff = FeedForward(dim, **kw)
+        self.ff = FeedForward(dim, remat=remat_feed_forward, **kw)
         self.attn2 = CrossAttention(dim, heads, dim_head, context_dim, attention=attention, **kw)
         self.norm1, self.norm2, self.norm3 = (LayerNorm(dim, **kw) for _ in range(3))
 
@@ -46,12 +47,13 @@ class VideoTransformerBlock(nnx.Module):
     self-attention, cross-attention over the clip context, feed-forward; all residual."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, *, rngs, dtype=None,
-                 param_dtype=jnp.float32, attention: AttentionConfig = DEFAULT):
+                 param_dtype=jnp.float32, attention: AttentionConfig = DEFAULT,
+                 remat_feed_forward: bool = False):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm_in = LayerNorm(dim, **kw)
-        self.ff_in = FeedForward(dim, dim, **kw)
+        self.ff_in = FeedForward(dim, dim, remat=remat_feed_forward, **kw)
         self.attn1 = CrossAttention(dim, heads, dim_head, attention=attention, **kw)
-        self.ff = FeedForward(dim, dim, **kw)
+        self.ff = FeedForward(dim, dim, remat=remat_feed_forward, **kw)
         self.attn2 = CrossAttention(dim, heads, dim_head, context_dim, attention=attention, **kw)
         self.norm1, self.norm2, self.norm3 = (LayerNorm(dim, **kw) for _ in range(3))
 
@@ -77,7 +79,7 @@ class SpatialVideoTransformer(nnx.Module):
 
     def __init__(self, channels: int, heads: int, depth: int, context_dim: int, *,
                  merge_factor: float = 0.5, rngs, dtype=None, param_dtype=jnp.float32,
-                 attention: AttentionConfig = DEFAULT):
+                 attention: AttentionConfig = DEFAULT, remat_feed_forward: bool = False):
         if channels % heads:
             raise ValueError(f"SpatialVideoTransformer: {channels} channels do not split into {heads} heads")
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -85,7 +87,7 @@ class SpatialVideoTransformer(nnx.Module):
         self.channels = channels
         self.norm = GroupNorm(channels, eps=1e-6, **kw)
         self.proj_in = Linear(channels, channels, **kw)
-        blocks = dict(attention=attention, **kw)
+        blocks = dict(attention=attention, remat_feed_forward=remat_feed_forward, **kw)
         self.transformer_blocks = nnx.List(
             [BasicTransformerBlock(channels, heads, dim_head, context_dim, **blocks) for _ in range(depth)])
         self.time_stack = nnx.List(

@@ -15,7 +15,7 @@ from flax import nnx
 from keyface_jax import activation_sharding as act
 from keyface_jax.models.attention_backends import AttentionConfig
 from keyface_jax.models.layers import Conv, GroupNorm, SiLU, mlp_embedding, timestep_embedding
-from keyface_jax.models.remat import remat_policy
+from keyface_jax.models.remat import checkpoint_module, remat_feed_forward, remat_policy
 from keyface_jax.models.resnet import Downsample, Upsample, VideoResBlock
 from keyface_jax.models.transformer import SpatialVideoTransformer
 
@@ -83,10 +83,12 @@ class VideoUNet(nnx.Module):
         def resblock(cin, cout, eps):
             return VideoResBlock(cin, ted, cout, eps=eps, merge_factor=config.merge_factor, **kw)
 
+        remat_ff = remat_feed_forward(config.remat, config.remat_policy)
+
         def attention(ch, heads, depth):
             return SpatialVideoTransformer(ch, heads, depth, config.context_dim,
                                            merge_factor=config.merge_factor,
-                                           attention=config.attention, **kw)
+                                           attention=config.attention, remat_feed_forward=remat_ff, **kw)
 
         blocks = [nnx.List([Conv(config.in_channels, chans[0], (3, 3), **kw)])]
         skip_chans, ch = [chans[0]], chans[0]
@@ -142,12 +144,7 @@ class VideoUNet(nnx.Module):
         enabled, policy = remat_policy(self.config.remat, self.config.remat_policy)
         if not enabled:
             return run(block, h, emb, context)
-        # A pure function of the block's state under jax.checkpoint, not nnx.remat: nnx.remat
-        # writes the state back after the call, which fails for frozen parameters (they live at
-        # the jit trace level, below the gradient's) and there is nothing to write back anyway.
-        graphdef, state = nnx.split(block)
-        pure = lambda state, h, emb, context: run(nnx.merge(graphdef, state), h, emb, context)
-        return jax.checkpoint(pure, policy=policy)(state, h, emb, context)
+        return checkpoint_module(block, run, h, emb, context, policy=policy)
 
     def __call__(self, x, c_noise, context, y=None):
         b, t = x.shape[:2]
