@@ -61,6 +61,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 KINDS = ("keyframe_train", "interpolation_train", "keyframe_sample", "interpolation_sample")
 ATTENTIONS = ("auto", "xla", "chunked", "cudnn", "splash")
+# models/remat.py REMAT_POLICIES, written out: keyface_jax is imported only after libtpu flags are set
 REMATS = ("none", "block", "block_save_attention", "block_save_dots", "block_ffn")
 # Mesh name → config.mesh axis sizes (-1: the chips left over).
 MESHES = {

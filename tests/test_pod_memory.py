@@ -235,3 +235,10 @@ def test_rule_overrides_and_keys():
         pm.parse_rule_overrides(["nope=fsdp"])
     with pytest.raises(pm.CaseError, match="name=axes"):
         pm.parse_rule_overrides(["heads"])
+
+
+def test_remat_choices_are_the_models_policies():
+    """The case parser's remat list is written out (the benchmark imports nothing of keyface_jax
+    before libtpu's flags are set); it must name exactly the models' policies."""
+    from keyface_jax.models.remat import REMAT_POLICIES
+    assert set(pm.REMATS) == set(REMAT_POLICIES)
