@@ -35,8 +35,22 @@ from keyface_jax.generation.inputs import ClipRequest  # noqa: E402
 CLIPS = {"tts": ("heldout", "speech.wav"), "jfk": ("heldout_jfk", "speech.wav")}
 
 
+def sampling_options(spec: str) -> dict:
+    """'audio_scale=3,num_steps=20' → {'audio_scale': 3.0, 'num_steps': 20} (GenerationOptions
+    fields, typed by their defaults)."""
+    defaults = GenerationOptions()
+    out = {}
+    for part in (p for p in spec.split(",") if p):
+        key, sep, value = part.partition("=")
+        if not sep or not hasattr(defaults, key):
+            raise ValueError(f"sampling option {part!r}: expected FIELD=VALUE with a GenerationOptions field")
+        out[key] = type(getattr(defaults, key))(value)
+    return out
+
+
 def variant_setup(demo: str, variant: str) -> Setup:
     runs = os.path.join(demo, "runs")
+    variant, _, options = variant.partition("@")
     bad, guidance = "none", "autoguidance"
     if variant.startswith("autoguidance_"):
         num, _, den = variant.split("_", 1)[1].partition("/")
@@ -49,7 +63,8 @@ def variant_setup(demo: str, variant: str) -> Setup:
                            interpolation=os.path.join(runs, "interpolation"),
                            interpolation_bad=bad,
                            autoencoder=os.path.join(runs, "autoencoder", "export"))
-    return Setup(sources, GenerationOptions(interpolation_guidance=guidance))
+    return Setup(sources, GenerationOptions(interpolation_guidance=guidance,
+                                            **sampling_options(options)))
 
 
 def main(argv=None) -> int:
@@ -69,7 +84,7 @@ def main(argv=None) -> int:
     for variant in args.variants:
         start = time.time()
         setup = variant_setup(demo, variant)
-        folder = os.path.join(demo, "guidance_ab", variant.replace("/", "-"))
+        folder = os.path.join(demo, "guidance_ab", variant.replace("/", "-").replace(",", "_"))
         requests = [ClipRequest(name=name, face=face, audio=os.path.join(demo, *CLIPS[name]),
                                 output=os.path.join(folder, f"{name}.mp4"), seed=args.seed,
                                 max_seconds=args.seconds) for name in CLIPS]

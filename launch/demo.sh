@@ -17,13 +17,15 @@
 # Outputs go to $KEYFACE_DEMO_DIR (default outputs/demo, relative to the repository root).
 # The console shows stage lines, progress bars, results and warnings; KEYFACE_VERBOSE=1 adds the
 # libraries' INFO logging.
-# DEMO_STEPS: diffusion training steps per model (default 300); DEMO_AE_STEPS (default 200);
+# DEMO_STEPS: diffusion training steps per model (default 300); DEMO_AE_STEPS (default 400);
 # DEMO_SECONDS: length of the held-out TTS speech (default 32); DEMO_VIDEOS: training videos
 # (default 4, cycling over DEMO_FACES); DEMO_SEED: training and sampling seed (default 0);
 # DEMO_CLIP_SECONDS: length cap of the recording and held-out-face clips (default: the whole
 # recording, the held-out face 8 s); DEMO_DESCRIBE=0 skips stage 1.
 # DEMO_FACES (default astronaut; any of astronaut,hopper,obama), DEMO_HELDOUT_FACE (biden),
-# DEMO_CROP_SCALE (face-aligned crops, e.g. 3.6), DEMO_MAX_OPEN (mouth opening, default 0.3).
+# DEMO_CROP_SCALE (face-aligned crop side in inter-ocular distances, default 3.0), DEMO_MAX_OPEN
+# (lip gap at full opening over the mouth width, default 0.45), DEMO_HEAD_MOTION (scale of the
+# random head drift, default 0.2; 1 = the full drift).
 # tests/test_demo_job.py runs a shortened version (same code path).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,16 +33,19 @@ if [ -z "${DEMO_SKIP_SETUP:-}" ]; then source "$ROOT/launch/setup_env.sh"; fi  #
 cd "$ROOT"
 OUT="${KEYFACE_DEMO_DIR:-outputs/demo}"
 STEPS="${DEMO_STEPS:-300}"
-AE_STEPS="${DEMO_AE_STEPS:-200}"
+AE_STEPS="${DEMO_AE_STEPS:-400}"
 SECONDS_OUT="${DEMO_SECONDS:-32}"
 NUM_VIDEOS="${DEMO_VIDEOS:-4}"
 SEED="${DEMO_SEED:-0}"
 FACES="${DEMO_FACES:-astronaut}"                 # data_pipelines/demo/photos.py (see README: one face trains
                                                  # within the budget; three did not)
-# Face framing: "" keeps the astronaut's hand-placed rig; a number places every face from its
-# landmarks, that many inter-ocular distances wide (data_pipelines/demo/photos.py).
-CROP=(${DEMO_CROP_SCALE:+--crop_scale "$DEMO_CROP_SCALE"})
-MAX_OPEN="${DEMO_MAX_OPEN:-0.3}"
+# Face framing: every face placed from its landmarks, DEMO_CROP_SCALE inter-ocular distances wide
+# (data_pipelines/demo/photos.py). 3.0 rather than the astronaut's looser hand-placed 4.1: a bigger
+# mouth in the 16×16 latents; with a wider lip gap and little random head drift this took lip
+# sync from 0.42 to 0.75 (README, table of tries).
+CROP=(--crop_scale "${DEMO_CROP_SCALE:-3.0}")
+MAX_OPEN="${DEMO_MAX_OPEN:-0.45}"
+HEAD_MOTION="${DEMO_HEAD_MOTION:-0.2}"            # scale of the random head drift in the demo videos
 HELDOUT_FACE="${DEMO_HELDOUT_FACE:-biden}"       # never in training
 PACKAGES="$OUT/packages"                         # sdists fetched for their photos / recordings
 mkdir -p "$OUT/report"
@@ -64,12 +69,12 @@ fi
 stage "2/8 demo videos"
 if [ ! -f "$OUT/videos/manifest.json" ]; then
   python -m data_pipelines.demo.build --output "$OUT/videos" --num_videos "$NUM_VIDEOS" --seconds 10 \
-      --size 128 --seed 0 --faces "$FACES" "${CROP[@]}" --max_open "$MAX_OPEN" --photo_cache "$PACKAGES"
+      --size 128 --seed 0 --faces "$FACES" "${CROP[@]}" --max_open "$MAX_OPEN" --head_motion "$HEAD_MOTION" --photo_cache "$PACKAGES"
 fi
 if [ ! -f "$OUT/heldout_videos/manifest.json" ]; then   # unseen frames: the held-out face, a training face
   python -m data_pipelines.demo.build --output "$OUT/heldout_videos" --num_videos 2 --seconds 4 \
       --size 128 --seed 1 --faces "$HELDOUT_FACE,${FACES%%,*}" "${CROP[@]}" --max_open "$MAX_OPEN" \
-      --photo_cache "$PACKAGES" --prefix heldout
+      --head_motion "$HEAD_MOTION" --photo_cache "$PACKAGES" --prefix heldout
 fi
 if [ -n "$DESCRIBE_PID" ] && ! wait "$DESCRIBE_PID"; then
   cat "$OUT/describe.log" >&2; echo "demo: describing the models failed" >&2; exit 1

@@ -138,3 +138,24 @@ def test_export_round_trips_into_every_reader(killed_and_resumed, videos):
     assert scores["eval_latent_std"] == logged["eval_latent_std"]
     assert logged["eval_latent_std"] == pytest.approx(1 / 0.18215, rel=1e-4)
     assert np.isfinite(logged["latent_scale_factor"]) and logged["latent_scale_factor"] > 0
+
+
+def test_a_preempted_run_saves_but_exports_nothing(videos, tmp_path):
+    """SIGTERM: the run saves a checkpoint and exits 3 without an export, so no next stage takes
+    an unfinished autoencoder for the trained one."""
+    workdir = tmp_path / "ae"
+    metrics = workdir / "metrics.jsonl"
+    proc = subprocess.Popen(_command(videos, workdir), env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    assert "preempted" in err
+    assert not (workdir / "export").exists()
+    assert any((workdir / "checkpoints").iterdir())

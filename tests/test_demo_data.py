@@ -220,3 +220,28 @@ def test_bad_arguments(tmp_path):
         build_dataset(str(tmp_path), size=101)
     with pytest.raises(ValueError, match="nsv_fraction"):
         build_dataset(str(tmp_path), nsv_fraction=1.5)
+
+
+def test_head_motion_scales_only_the_random_drift():
+    """head_motion scales the random drift: 0 leaves a speech-only video's head still but for the
+    nod on loud speech; mouth, blinks and smile are the same whatever the scale."""
+    from data_pipelines.demo.timeline import emotion_track, frame_audio_stats, frame_controls, render_audio
+    rng = np.random.default_rng(3)
+    segments = plan_segments(6.0, "speech", rng)
+    wav = render_audio(segments, 6.0, None, rng)
+    db25, _ = frame_audio_stats(wav, 25.0, 150)
+    valence, arousal = emotion_track(segments, db25, rng)
+    state = rng.bit_generator.state
+
+    def poses(scale):
+        rng.bit_generator.state = state   # the same draws for every scale
+        return frame_controls(segments, wav, 25.0, 150, valence, arousal, rng, head_motion=scale)
+
+    full, half, still = poses(1.0), poses(0.5), poses(0.0)
+    rotation = lambda ps: np.array([p.rotation for p in ps])
+    assert np.abs(rotation(full)).max() > 0.5                       # degrees of drift
+    np.testing.assert_allclose(rotation(half), 0.5 * rotation(full), atol=1e-9)
+    assert not rotation(still).any() and not any(p.shift_x for p in still)
+    assert all(p.scale == 1.0 for p in still)
+    for field in ("mouth_open", "mouth_wide", "blink", "smile"):
+        assert [getattr(p, field) for p in still] == [getattr(p, field) for p in full], field

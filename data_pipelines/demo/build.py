@@ -76,7 +76,7 @@ def _groups(num_videos: int, nsv_fraction: float) -> list[str]:
 
 def build_video(index: int, output: str, seconds: float, size: int, fps: float, seed: int,
                 audio_rate: int, group: str, corpus, animator: FaceAnimator,
-                prefix: str = "demo", audio_codec: str = "aac") -> dict:
+                prefix: str = "demo", audio_codec: str = "aac", head_motion: float = 1.0) -> dict:
     """Writes one video and its emotion file; returns its manifest entry."""
     rng = np.random.default_rng([seed, index])
     name = f"{prefix}_{index:04d}"
@@ -87,7 +87,7 @@ def build_video(index: int, output: str, seconds: float, size: int, fps: float, 
     n25 = int(round(duration * FPS))
     db25, _ = frame_audio_stats(wav, FPS, n25)
     valence, arousal = emotion_track(segments, db25, rng)
-    poses = frame_controls(segments, wav, fps, num_frames, valence, arousal, rng)
+    poses = frame_controls(segments, wav, fps, num_frames, valence, arousal, rng, head_motion)
 
     g = math.gcd(audio_rate, AUDIO_RATE)
     track = wav if audio_rate == AUDIO_RATE else signal.resample_poly(
@@ -112,7 +112,8 @@ def build_dataset(output: str, num_videos: int = 4, seconds: float = 6.0, size: 
                   nsv_fraction: float = 0.5, speech: list[str] | None = None,
                   prefix: str = "demo", audio_codec: str = "aac", babble: bool = False,
                   faces: tuple[str, ...] = ("astronaut",), crop_scale: float | None = None,
-                  max_open: float = 0.3, photo_cache: str = "", verbose: bool = False) -> dict:
+                  max_open: float = 0.3, photo_cache: str = "", head_motion: float = 1.0,
+                  verbose: bool = False) -> dict:
     """Builds the whole dataset under `output`; returns (and writes) the manifest. Video i shows
     faces[i % len(faces)] (`photos.ALL_FACES`), framed by `photos.face_rig(crop_scale)`."""
     if num_videos < 1 or seconds <= 0 or size < 64 or size % 2 or fps <= 0:
@@ -139,7 +140,8 @@ def build_dataset(output: str, num_videos: int = 4, seconds: float = 6.0, size: 
         start = time.time()
         face = faces[i % len(faces)]
         videos.append(dict(build_video(i, output, seconds, size, fps, seed, audio_rate, group,
-                                       corpus, animators[face], prefix, audio_codec), face=face))
+                                       corpus, animators[face], prefix, audio_codec, head_motion),
+                           face=face))
         if verbose:
             print(f"{videos[-1]['video']}: {face}, {group}, {videos[-1]['num_frames']} frames, "
                   f"{time.time() - start:.1f} s", flush=True)
@@ -148,6 +150,7 @@ def build_dataset(output: str, num_videos: int = 4, seconds: float = 6.0, size: 
         audio_rate=audio_rate, emotion_fps=FPS,
         face_source="skimage.data.astronaut" if tuple(faces) == ("astronaut",) else "photos",
         faces=list(dict.fromkeys(faces)), crop_scale=crop_scale, max_open=max_open,
+        head_motion=head_motion,
         speech_source=corpus.name if corpus else "babble",
         speech_files=[os.path.basename(p) for p in corpus.paths] if corpus else [],
         videos=videos)
@@ -180,6 +183,9 @@ def main(argv=None) -> None:
                         "astronaut's hand-placed framing; other faces use photos.DEFAULT_CROP_SCALE)")
     p.add_argument("--max_open", type=float, default=0.3,
                    help="lip gap at full opening, as a fraction of the mouth width")
+    p.add_argument("--head_motion", type=float, default=1.0,
+                   help="scale of the random head drift (0 = still head; laughs, sighs and loud "
+                        "speech still move it)")
     p.add_argument("--photo_cache", default="", help="where fetched photos are kept "
                                                      "(default OUTPUT/photos)")
     args = p.parse_args(argv)
@@ -188,7 +194,7 @@ def main(argv=None) -> None:
                              args.seed, args.audio_rate, args.nsv_fraction, args.speech,
                              args.prefix, args.audio_codec, args.babble,
                              tuple(f for f in args.faces.split(",") if f), args.crop_scale,
-                             args.max_open, args.photo_cache, verbose=True)
+                             args.max_open, args.photo_cache, args.head_motion, verbose=True)
     print(f"wrote {len(manifest['videos'])} videos ({manifest['speech_source']} speech) to "
           f"{args.output} in {time.time() - start:.1f} s")
 

@@ -217,8 +217,10 @@ def _blinks(rng: np.random.Generator, times: np.ndarray, seconds: float) -> np.n
 
 def frame_controls(segments, wav: np.ndarray, fps: float, num_frames: int,
                    valence25: np.ndarray, arousal25: np.ndarray,
-                   rng: np.random.Generator) -> list[FacePose]:
-    """One `FacePose` per video frame (see the module docstring)."""
+                   rng: np.random.Generator, head_motion: float = 1.0) -> list[FacePose]:
+    """One `FacePose` per video frame (see the module docstring). `head_motion` scales the
+    random head drift (rotation, shifts, scale); the motion tied to laughs, sighs and loud
+    speech is kept. The random draws do not depend on it, so only the drift changes."""
     seconds = num_frames / fps
     times = (np.arange(num_frames) + 0.5) / fps
     db, centroid = frame_audio_stats(wav, fps, num_frames)
@@ -239,12 +241,12 @@ def frame_controls(segments, wav: np.ndarray, fps: float, num_frames: int,
     call = np.clip((db + 40) / 20, 0, 1) * laugh      # the loudness of each "ha"
     sigh_env = np.clip((db + 50) / 25, 0, 1) * sigh_s
 
-    motion = 1.0 + 0.6 * np.clip(arousal, -0.5, 1.0)
+    motion = head_motion * (1.0 + 0.6 * np.clip(arousal, -0.5, 1.0))
     rotation = _drift(rng, times, 2.5) * motion + 2.0 * laugh_s * np.sin(2 * np.pi * 1.3 * times)
     shift_x = _drift(rng, times, 0.012) * motion
     shift_y = (_drift(rng, times, 0.01) * motion + 0.004 * open_ * (1 - laugh_s)
                - 0.012 * call + 0.015 * sigh_env)
-    scale = 1.0 + _drift(rng, times, 0.012)
+    scale = 1.0 + _drift(rng, times, 0.012) * head_motion
     blink = np.maximum(_blinks(rng, times, seconds), 0.45 * sigh_env + 0.25 * laugh_s)
     smile = np.clip(1.2 * valence, -1, 1)
     return [FacePose(rotation=float(rotation[i]), shift_x=float(shift_x[i]),

@@ -9,7 +9,7 @@ Clip length: `config.data.clip_frames` (default 1). KeyFace decodes one frame at
 is used; the temporal convolutions then see zero padding on both sides and only their centre
 taps learn. T > 1 trains them on real neighbours, for pipelines that decode clips.
 
-Every run ends by writing `workdir/export`: {"autoencoder": parameter tree} in Orbax, the format
+Every finished run ends by writing `workdir/export` (a preempted one does not): {"autoencoder": parameter tree} in Orbax, the format
 `keyface_ckpt.load_orbax_export`, `weight_sources.frozen_decoder` and `data_pipelines.prepare
 --vae` read, then scores whole frames (PSNR of mode latents decoded one frame at a time). Unless
 `config.train.normalize_latents` is off, the export's latents are first rescaled to SVD's scale
@@ -194,6 +194,10 @@ def train_autoencoder(config, workdir, *, stop_after: int | None = None) -> RunS
         result = run_loop(step, run.state, aux, data, run.checkpoints, config.train, workdir,
                           start=run.start, desc="train autoencoder", stop_after=stop_after)
         flops = step.flops
+    if result.final_step < int(config.train.steps):
+        # preempted or stopped early: no export of an unfinished model, which a next stage
+        # would take for the trained one; re-running resumes and exports at the end
+        return summarize(run.start, result, flops, config.train.peak_flops_per_device)
 
     scores, factor = None, 1.0
     frames = (evaluation_frames(videos, config.train.eval_frames)
