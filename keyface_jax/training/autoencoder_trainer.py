@@ -9,9 +9,10 @@ Clip length: `config.data.clip_frames` (default 1). KeyFace decodes one frame at
 is used; the temporal convolutions then see zero padding on both sides and only their centre
 taps learn. T > 1 trains them on real neighbours, for pipelines that decode clips.
 
-Every finished run ends by writing `workdir/export` (a preempted one does not): {"autoencoder": parameter tree} in Orbax, the format
-`keyface_ckpt.load_orbax_export`, `weight_sources.frozen_decoder` and `data_pipelines.prepare
---vae` read, then scores whole frames (PSNR of mode latents decoded one frame at a time). Unless
+Every finished run (not a preempted one) ends by writing `workdir/export`: {"autoencoder":
+parameter tree} in Orbax, the format `keyface_ckpt.load_orbax_export`,
+`weight_sources.frozen_decoder` and `data_pipelines.prepare --vae` read, then scores whole frames
+(PSNR of mode latents decoded one frame at a time). Unless
 `config.train.normalize_latents` is off, the export's latents are first rescaled to SVD's scale
 (std 1 / 0.18215 over the evaluation frames; training/latent_scale.py), reconstructions unchanged.
 """
