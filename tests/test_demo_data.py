@@ -220,6 +220,8 @@ def test_bad_arguments(tmp_path):
         build_dataset(str(tmp_path), size=101)
     with pytest.raises(ValueError, match="nsv_fraction"):
         build_dataset(str(tmp_path), nsv_fraction=1.5)
+    with pytest.raises(ValueError, match="head_motion"):
+        build_dataset(str(tmp_path), head_motion=-0.5)
 
 
 def test_head_motion_scales_only_the_random_drift():

@@ -118,6 +118,8 @@ def build_dataset(output: str, num_videos: int = 4, seconds: float = 6.0, size: 
     faces[i % len(faces)] (`photos.ALL_FACES`), framed by `photos.face_rig(crop_scale)`."""
     if num_videos < 1 or seconds <= 0 or size < 64 or size % 2 or fps <= 0:
         raise ValueError("need num_videos ≥ 1, seconds > 0, an even size ≥ 64 and fps > 0")
+    if head_motion < 0:
+        raise ValueError(f"head_motion must be ≥ 0 (a scale of the random head drift), got {head_motion}")
     if not 0.0 <= nsv_fraction <= 1.0:
         raise ValueError(f"nsv_fraction must be in [0, 1], got {nsv_fraction}")
     os.makedirs(os.path.join(output, "videos"), exist_ok=True)

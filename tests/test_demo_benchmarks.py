@@ -1,0 +1,24 @@
+"""benchmarks/demo_guidance.py's variant grammar: `VARIANT@field=value,...` sets sampling options."""
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import demo_guidance  # noqa: E402
+
+
+def test_variant_options_are_typed_generation_fields():
+    assert demo_guidance.sampling_options("") == {}
+    opts = demo_guidance.sampling_options("audio_scale=3,num_steps=20")
+    assert opts == {"audio_scale": 3.0, "num_steps": 20}
+    assert type(opts["audio_scale"]) is float and type(opts["num_steps"]) is int
+    options = demo_guidance.GenerationOptions(**demo_guidance.sampling_options("ref_scale=1.5"))
+    assert options.ref_scale == 1.5 and options.audio_scale == demo_guidance.GenerationOptions().audio_scale
+
+
+@pytest.mark.parametrize("spec", ["audio_scale", "no_such_field=1"])
+def test_bad_variant_options_are_refused(spec):
+    with pytest.raises(ValueError, match="GenerationOptions field"):
+        demo_guidance.sampling_options(spec)
