@@ -10,6 +10,8 @@ Variants (the keyframes are the same in all of them; only the in-between frames 
   - `none`: the main interpolation network's conditional prediction alone;
   - `audio_cfg`: classifier-free guidance on the audio (the main network without audio as the
     guiding branch), scale 2, the plain-CFG baseline autoguidance is measured against.
+Every variant samples with the demo's own guidance scales (its `sampling.json`; GenerationOptions'
+defaults where a run has none); `VARIANT@field=value,...` overrides GenerationOptions fields.
 Clips: the demo's two held-out recordings (TTS, JFK), the first `--seconds` of each, on the demo's
 first training face. Per clip and variant: lip sync at lag 0 and its 1-s-shifted control, identity
 similarity and sharpness against the input crop. Writes benchmarks/results/demo_guidance.json.
@@ -48,6 +50,15 @@ def sampling_options(spec: str) -> dict:
     return out
 
 
+def demo_sampling(demo: str) -> dict:
+    """The guidance scales launch/demo.sh sampled with ({} for runs older than its sampling.json)."""
+    path = os.path.join(demo, "sampling.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return sampling_options(",".join(f"{k}={v}" for k, v in json.load(f).items()))
+
+
 def variant_setup(demo: str, variant: str) -> Setup:
     runs = os.path.join(demo, "runs")
     variant, _, options = variant.partition("@")
@@ -63,8 +74,8 @@ def variant_setup(demo: str, variant: str) -> Setup:
                            interpolation=os.path.join(runs, "interpolation"),
                            interpolation_bad=bad,
                            autoencoder=os.path.join(runs, "autoencoder", "export"))
-    return Setup(sources, GenerationOptions(interpolation_guidance=guidance,
-                                            **sampling_options(options)))
+    chosen = {**demo_sampling(demo), **sampling_options(options)}
+    return Setup(sources, GenerationOptions(interpolation_guidance=guidance, **chosen))
 
 
 def main(argv=None) -> int:

@@ -22,3 +22,10 @@ def test_variant_options_are_typed_generation_fields():
 def test_bad_variant_options_are_refused(spec):
     with pytest.raises(ValueError, match="GenerationOptions field"):
         demo_guidance.sampling_options(spec)
+
+
+def test_variants_sample_with_the_demo_own_scales(tmp_path):
+    assert demo_guidance.demo_sampling(str(tmp_path)) == {}   # a run from before sampling.json
+    (tmp_path / "sampling.json").write_text('{"audio_scale": 3, "ref_scale": 1, "autoguidance_scale": 3}\n')
+    assert demo_guidance.demo_sampling(str(tmp_path)) == {
+        "audio_scale": 3.0, "ref_scale": 1.0, "autoguidance_scale": 3.0}
