@@ -37,16 +37,23 @@ from keyface_jax.generation.inputs import ClipRequest  # noqa: E402
 CLIPS = {"tts": ("heldout", "speech.wav"), "jfk": ("heldout_jfk", "speech.wav")}
 
 
+def typed_option(key: str, value):
+    """`value` as the type of GenerationOptions' default for field `key`."""
+    defaults = GenerationOptions()
+    if not hasattr(defaults, key):
+        raise ValueError(f"sampling option {key!r}: not a GenerationOptions field")
+    return type(getattr(defaults, key))(value)
+
+
 def sampling_options(spec: str) -> dict:
     """'audio_scale=3,num_steps=20' → {'audio_scale': 3.0, 'num_steps': 20} (GenerationOptions
     fields, typed by their defaults)."""
-    defaults = GenerationOptions()
     out = {}
     for part in (p for p in spec.split(",") if p):
         key, sep, value = part.partition("=")
-        if not sep or not hasattr(defaults, key):
+        if not sep:
             raise ValueError(f"sampling option {part!r}: expected FIELD=VALUE with a GenerationOptions field")
-        out[key] = type(getattr(defaults, key))(value)
+        out[key] = typed_option(key, value)
     return out
 
 
@@ -56,7 +63,7 @@ def demo_sampling(demo: str) -> dict:
     if not os.path.exists(path):
         return {}
     with open(path) as f:
-        return sampling_options(",".join(f"{k}={v}" for k, v in json.load(f).items()))
+        return {key: typed_option(key, value) for key, value in json.load(f).items()}
 
 
 def variant_setup(demo: str, variant: str) -> Setup:

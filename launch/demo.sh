@@ -113,8 +113,14 @@ fi
 
 stage "7/8 generation"
 # benchmarks/demo_guidance.py reads these to sample as the demo did
-printf '{"audio_scale": %s, "ref_scale": %s, "autoguidance_scale": %s}\n' "$AUDIO_SCALE" "$REF_SCALE" \
-    "$AUTOGUIDANCE_SCALE" > "$OUT/sampling.json"
+python - "$AUDIO_SCALE" "$REF_SCALE" "$AUTOGUIDANCE_SCALE" > "$OUT/sampling.json" <<'PY'
+import json, sys
+names = ("audio_scale", "ref_scale", "autoguidance_scale")
+try:   # refused here, not as unreadable JSON at the report stage
+    print(json.dumps({name: float(value) for name, value in zip(names, sys.argv[1:])}))
+except ValueError:
+    sys.exit(f"demo: DEMO_AUDIO_SCALE / DEMO_REF_SCALE / DEMO_AUTOGUIDANCE_SCALE must be numbers, got {sys.argv[1:]}")
+PY
 FACE="videos/faces/${FACES%%,*}.png"   # manifest paths are relative to its folder, $OUT
 cat > "$OUT/generated.jsonl" <<JSONL
 {"name": "heldout", "face": "$FACE", "audio": "heldout/speech.wav", "output": "generated/heldout.mp4"}
