@@ -11,7 +11,8 @@ Variants (the keyframes are the same in all of them; only the in-between frames 
   - `audio_cfg`: classifier-free guidance on the audio (the main network without audio as the
     guiding branch), scale 2, the plain-CFG baseline autoguidance is measured against.
 Every variant samples with the demo's own guidance scales (its `sampling.json`; GenerationOptions'
-defaults where a run has none); `VARIANT@field=value,...` overrides GenerationOptions fields.
+defaults where a run has none); `VARIANT@field=value,...` overrides GenerationOptions fields
+(or ModelSources ones: `keyframe_bad=auto` adds keyframe autoguidance).
 Clips: the demo's two held-out recordings (TTS, JFK), the first `--seconds` of each, on the demo's
 first training face. Per clip and variant: lip sync at lag 0 and its 1-s-shifted control, identity
 similarity and sharpness against the input crop. Writes benchmarks/results/demo_guidance.json.
@@ -38,16 +39,16 @@ CLIPS = {"tts": ("heldout", "speech.wav"), "jfk": ("heldout_jfk", "speech.wav")}
 
 
 def typed_option(key: str, value):
-    """`value` as the type of GenerationOptions' default for field `key`."""
-    defaults = GenerationOptions()
-    if not hasattr(defaults, key):
-        raise ValueError(f"sampling option {key!r}: not a GenerationOptions field")
-    return type(getattr(defaults, key))(value)
+    """`value` as the type of the default of GenerationOptions' (or ModelSources') field `key`."""
+    for defaults in (GenerationOptions(), ModelSources()):
+        if hasattr(defaults, key):
+            return type(getattr(defaults, key))(value)
+    raise ValueError(f"sampling option {key!r}: not a GenerationOptions or ModelSources field")
 
 
 def sampling_options(spec: str) -> dict:
     """'audio_scale=3,num_steps=20' → {'audio_scale': 3.0, 'num_steps': 20} (GenerationOptions
-    fields, typed by their defaults)."""
+    or ModelSources fields, e.g. keyframe_bad, typed by their defaults)."""
     out = {}
     for part in (p for p in spec.split(",") if p):
         key, sep, value = part.partition("=")
@@ -77,11 +78,12 @@ def variant_setup(demo: str, variant: str) -> Setup:
         guidance = "audio_cfg"
     elif variant != "none":
         raise ValueError(f"unknown variant {variant!r}")
+    chosen = {**demo_sampling(demo), **sampling_options(options)}
+    model_fields = {k: chosen.pop(k) for k in list(chosen) if not hasattr(GenerationOptions, k)}
     sources = ModelSources(keyframe=os.path.join(runs, "keyframe"),
                            interpolation=os.path.join(runs, "interpolation"),
                            interpolation_bad=bad,
-                           autoencoder=os.path.join(runs, "autoencoder", "export"))
-    chosen = {**demo_sampling(demo), **sampling_options(options)}
+                           autoencoder=os.path.join(runs, "autoencoder", "export"), **model_fields)
     return Setup(sources, GenerationOptions(interpolation_guidance=guidance, **chosen))
 
 
@@ -108,7 +110,9 @@ def main(argv=None) -> int:
                                 max_seconds=args.seconds) for name in CLIPS]
         run(setup, requests, os.path.join(folder, "summary.json"), progress=False)
         generated = time.time() - start
-        entry = dict(bad_network=setup.bad_description, generation_seconds=round(generated, 1))
+        entry = dict(bad_network=setup.bad_description,
+                     keyframe_bad_network=setup.keyframe_bad_description,
+                     generation_seconds=round(generated, 1))
         for request in requests:
             timeline = os.path.join(demo, CLIPS[request.name][0], "timeline.json")
             rep = evaluate_file(request.output, identity_path=os.path.splitext(request.output)[0]

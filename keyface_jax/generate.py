@@ -96,7 +96,11 @@ def main(argv=None) -> int:
         return 2
     if args.export:
         from keyface_jax.generation.export import export_pipeline
-        print(json.dumps(export_pipeline(setup.generator, args.export), indent=1))
+        try:
+            print(json.dumps(export_pipeline(setup.generator, args.export), indent=1))
+        except ValueError as e:   # options the exported samplers do not carry
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
         return 0
     defaults = dict(emotion=args.emotion, intensity=args.intensity, seed=args.seed,
                     max_seconds=args.max_seconds)

@@ -54,6 +54,8 @@ HELDOUT_FACE="${DEMO_HELDOUT_FACE:-biden}"       # never in training
 AUDIO_SCALE="${DEMO_AUDIO_SCALE:-3}"
 REF_SCALE="${DEMO_REF_SCALE:-1}"
 AUTOGUIDANCE_SCALE="${DEMO_AUTOGUIDANCE_SCALE:-3}"
+KEYFRAME_BAD="${DEMO_KEYFRAME_BAD:-none}"        # keyframe autoguidance's weaker network (auto: step 1/3)
+KEYFRAME_AUTOGUIDANCE_SCALE="${DEMO_KEYFRAME_AUTOGUIDANCE_SCALE:-2}"
 PACKAGES="$OUT/packages"                         # sdists fetched for their photos / recordings
 mkdir -p "$OUT/report"
 START=$(date +%s)
@@ -113,13 +115,16 @@ fi
 
 stage "7/8 generation"
 # benchmarks/demo_guidance.py reads these to sample as the demo did
-python - "$AUDIO_SCALE" "$REF_SCALE" "$AUTOGUIDANCE_SCALE" > "$OUT/sampling.json" <<'PY'
+python - "$AUDIO_SCALE" "$REF_SCALE" "$AUTOGUIDANCE_SCALE" "$KEYFRAME_AUTOGUIDANCE_SCALE" \
+    "$KEYFRAME_BAD" > "$OUT/sampling.json" <<'PY'
 import json, sys
-names = ("audio_scale", "ref_scale", "autoguidance_scale")
+names = ("audio_scale", "ref_scale", "autoguidance_scale", "keyframe_autoguidance_scale")
 try:   # refused here, not as unreadable JSON at the report stage
-    print(json.dumps({name: float(value) for name, value in zip(names, sys.argv[1:])}))
+    scales = {name: float(value) for name, value in zip(names, sys.argv[1:5])}
 except ValueError:
-    sys.exit(f"demo: DEMO_AUDIO_SCALE / DEMO_REF_SCALE / DEMO_AUTOGUIDANCE_SCALE must be numbers, got {sys.argv[1:]}")
+    sys.exit("demo: DEMO_AUDIO_SCALE / DEMO_REF_SCALE / DEMO_AUTOGUIDANCE_SCALE / "
+             f"DEMO_KEYFRAME_AUTOGUIDANCE_SCALE must be numbers, got {sys.argv[1:5]}")
+print(json.dumps(dict(scales, keyframe_bad=sys.argv[5])))
 PY
 FACE="videos/faces/${FACES%%,*}.png"   # manifest paths are relative to its folder, $OUT
 cat > "$OUT/generated.jsonl" <<JSONL
@@ -132,6 +137,7 @@ if [ ! -f "$OUT/generated/heldout.mp4" ] || [ ! -f "$OUT/generated/jfk.mp4" ] \
   python -m keyface_jax.generate --manifest "$OUT/generated.jsonl" --output_dir "$OUT/generated" \
       --emotion neutral --seed "$SEED" --interpolation_bad auto --audio_scale "$AUDIO_SCALE" \
       --ref_scale "$REF_SCALE" --autoguidance_scale "$AUTOGUIDANCE_SCALE" \
+      --keyframe_bad "$KEYFRAME_BAD" --keyframe_autoguidance_scale "$KEYFRAME_AUTOGUIDANCE_SCALE" \
       --keyframe "$OUT/runs/keyframe" --interpolation "$OUT/runs/interpolation" \
       --autoencoder "$OUT/runs/autoencoder/export"
 fi

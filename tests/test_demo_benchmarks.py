@@ -29,3 +29,9 @@ def test_variants_sample_with_the_demo_own_scales(tmp_path):
     (tmp_path / "sampling.json").write_text('{"audio_scale": 3, "ref_scale": 1, "autoguidance_scale": 3}\n')
     assert demo_guidance.demo_sampling(str(tmp_path)) == {
         "audio_scale": 3.0, "ref_scale": 1.0, "autoguidance_scale": 3.0}
+    # keyframe autoguidance: its scale is a GenerationOptions field, its network a ModelSources one
+    (tmp_path / "sampling.json").write_text(
+        '{"audio_scale": 3, "keyframe_autoguidance_scale": 2, "keyframe_bad": "auto"}\n')
+    assert demo_guidance.demo_sampling(str(tmp_path)) == {
+        "audio_scale": 3.0, "keyframe_autoguidance_scale": 2.0, "keyframe_bad": "auto"}
+    assert demo_guidance.sampling_options("keyframe_bad=fraction:0.5") == {"keyframe_bad": "fraction:0.5"}

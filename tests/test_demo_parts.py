@@ -16,7 +16,7 @@ from data_pipelines.demo import heldout, packages, photos
 from data_pipelines.demo.face import FaceAnimator, FacePose
 from data_pipelines.demo.timeline import SPEECH_RMS, normalise_speech_level
 from keyface_jax import report
-from keyface_jax.generation.runner import ModelSources, _bad_source, bad_checkpoint
+from keyface_jax.generation.runner import bad_checkpoint, bad_source
 from keyface_jax.losses.reconstruction import gradient_l1
 
 
@@ -104,7 +104,7 @@ def test_autoguidance_bad_checkpoint_is_a_fraction_of_training(tmp_path):
     run = tmp_path / "run"
     for step in (1, 100, 200, 300):
         (run / "checkpoints" / str(step)).mkdir(parents=True)
-    pick = lambda spec: _bad_source(ModelSources(interpolation=str(run), interpolation_bad=spec))
+    pick = lambda spec: bad_source(spec, str(run))
     assert pick("auto") == f"run:{run}@100"
     assert pick("fraction:0.66") == f"run:{run}@200"
     assert pick("step:200") == f"run:{run}@200"

@@ -12,11 +12,12 @@ from scipy.io import wavfile
 from keyface_jax.generation import export as gen_export
 from keyface_jax.generation.inputs import ClipRequest
 from keyface_jax.generation.manifest import read_manifest, requests_from_rows
-from keyface_jax.generation.pipeline import GenerationOptions
+from keyface_jax.generation.pipeline import GenerationOptions, Network
 from keyface_jax.generation.runner import ModelSources, Setup, run
 from keyface_jax.media.video import probe, read_frames
 from keyface_jax.sampling.sampler import sample_keyframes
 from keyface_jax.testing.media import write_face, write_speech
+from tests.helpers import random_state
 
 OPTIONS = GenerationOptions(keyframe_batch=2, interpolation_batch=2, decode_batch=2)
 
@@ -142,3 +143,24 @@ def test_jax_export_matches_the_jitted_sampler(setup, media, tmp_path):
     np.testing.assert_allclose(np.asarray(served), np.asarray(direct), atol=1e-5)
     for name in ("interpolation_sampler", "decoder"):
         assert os.path.getsize(tmp_path / "exported" / manifest[name]["file"]) > 0
+
+
+def test_keyframe_autoguidance_loads_a_weaker_network_and_is_not_exported(media, tmp_path):
+    setup = Setup(ModelSources(interpolation_bad="none", keyframe_bad="random"),
+                  GenerationOptions(keyframe_batch=2, keyframe_autoguidance_scale=3.0))
+    assert setup.keyframe_bad_description == "random"
+    gen = setup.generator
+    # random-init networks share their zero-initialised output layers: seeded values everywhere
+    main = random_state(gen.keyframe.state, seed=1)
+    gen.keyframe = Network(gen.keyframe.graphdef, main)
+    gen.keyframe_bad = Network(gen.keyframe.graphdef, random_state(main, seed=2))
+    clip = setup.load(request(media, "a", tmp_path))
+    identity = gen.encode_identities([clip])
+    guided_keys = gen.sample_keyframes([clip], identity, progress=False)[0]
+    weaker, gen.keyframe_bad = gen.keyframe_bad, None
+    plain = gen.sample_keyframes([clip], identity, progress=False)[0]
+    assert np.abs(guided_keys - plain).max() > 1e-3          # the extra term is applied
+    gen.keyframe_bad = weaker
+    with pytest.raises(ValueError, match="--keyframe_bad none"):
+        gen_export.export_pipeline(gen, str(tmp_path / "exported"))
+    assert not (tmp_path / "exported").exists()

@@ -176,6 +176,12 @@ def test_guidance_algebra_by_hand():
     np.testing.assert_allclose(guidance.audio_ref_cfg(d_u, d_r, d_f, 0.0, 1.0), d_r, rtol=1e-6)
     np.testing.assert_allclose(guidance.autoguidance(d_u, d_f), 2.0 * d_f - d_u, rtol=1e-6)
     np.testing.assert_allclose(guidance.autoguidance(d_u, d_f, 1.0), d_f, rtol=1e-6)
+    d_b = np.asarray(rand(3, 2, 3, 2, 2, 4), np.float64)
+    np.testing.assert_allclose(guidance.audio_ref_autoguidance(d_u, d_r, d_f, d_b, 3.0, 1.5, 2.5),
+                               d_u + 1.5 * (d_r - d_u) + 3.0 * (d_f - d_r) + 1.5 * (d_f - d_b),
+                               rtol=1e-6)
+    np.testing.assert_allclose(guidance.audio_ref_autoguidance(d_u, d_r, d_f, d_b, 1.0, 1.0, 3.0),
+                               guidance.autoguidance(d_b, d_f, 3.0), rtol=1e-6)
     scales = guidance.linear_frame_scales(3)
     np.testing.assert_allclose(scales, [1.0, 1.75, 2.5])
     out = guidance.linear_prediction_cfg(d_u, d_f, scales)
@@ -319,6 +325,24 @@ def test_keyframe_batch_matches_single_calls_and_scales_do_not_recompile(keyfram
     other = sampler.sample_keyframes(graphdef, state, one, keys[2:3], audio_scale=1.0, ref_scale=3)
     assert sampler._keyframes._cache_size() == compiled
     assert np.abs(np.asarray(other[0]) - np.asarray(batch[2])).max() > 1e-3
+
+
+def test_keyframe_autoguidance_adds_the_weaker_networks_term(keyframe_net):
+    graphdef, state, config = keyframe_net
+    conds = conditions_only(network_inputs(config, batch=2, frames=3, seed=6))
+    keys = jax.random.split(jax.random.key(2), 2)
+    plain = sampler.sample_keyframes(graphdef, state, conds, keys, audio_scale=3, ref_scale=1)
+    # the same network as its own weaker one: the autoguidance term is 0 at every step
+    same = sampler.sample_keyframes(graphdef, state, conds, keys, audio_scale=3, ref_scale=1,
+                                    bad_state=state, autoguidance_scale=4.0)
+    np.testing.assert_allclose(same, plain, rtol=1e-5, atol=1e-5)
+    bad = nnx.split(tiny_network("keyframe", seed=5)[0])[1]
+    sample = lambda **kw: sampler.sample_keyframes(graphdef, state, conds, keys, audio_scale=3,
+                                                   ref_scale=1, **kw)
+    # scale 1: the term vanishes whatever the weaker network
+    np.testing.assert_allclose(sample(bad_state=bad, autoguidance_scale=1.0), plain,
+                               rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(sample(bad_state=bad, autoguidance_scale=3.0)) - plain).max() > 1e-3
 
 
 def test_interpolation_on_a_4_device_mesh_matches_one_device(interpolation_nets):

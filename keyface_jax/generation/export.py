@@ -94,6 +94,9 @@ def _pure(state: nnx.State) -> dict:
 def export_pipeline(generator, folder) -> dict:
     """Writes keyframe_sampler / interpolation_sampler / decoder .jax_exported files and their
     weights (weights.npz per network, flattened paths) plus manifest.json; returns the manifest."""
+    if generator.keyframe_bad is not None:   # before writing anything
+        raise ValueError("export: the exported keyframe sampler has no keyframe autoguidance; "
+                         "export with --keyframe_bad none")
     as_path(folder).mkdir(parents=True, exist_ok=True)
     g = generator
     h, w, c = g.latent_shape

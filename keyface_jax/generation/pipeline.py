@@ -65,6 +65,9 @@ class GenerationOptions:
     audio_scale: float = guidance.KEYFRAME_AUDIO_SCALE
     ref_scale: float = guidance.KEYFRAME_REF_SCALE
     autoguidance_scale: float = guidance.AUTOGUIDANCE_SCALE
+    # Keyframes: autoguidance by a weaker keyframe network on top of the 3-branch guider, when
+    # one is loaded (`guidance.audio_ref_autoguidance`); KeyFace has none.
+    keyframe_autoguidance_scale: float = guidance.AUTOGUIDANCE_SCALE
     # Interpolation guidance: "autoguidance" by the weaker network when one is loaded (else the
     # plain conditional prediction), or "audio_cfg": the main network without audio as the
     # guiding branch, at the same scale (what autoguidance is measured against).
@@ -153,12 +156,12 @@ class Generator:
     def __init__(self, keyframe: Network, interpolation: Network, autoencoder,
                  interpolation_bad: Network | None = None,
                  options: GenerationOptions = GenerationOptions(), mesh: Mesh | None = None, *,
-                 dtype=None, rules: Rules = DEFAULT_RULES):
+                 dtype=None, rules: Rules = DEFAULT_RULES, keyframe_bad: Network | None = None):
         """`mesh` (default: clips over this process's devices) and `rules` lay the networks' weights
         out as in training (FSDP-sharded over an `fsdp` axis) and split each batch over the
         data-parallel axes; `dtype` (e.g. bfloat16) is the weights' storage dtype for sampling
         (the networks' graphdefs carry their compute dtype). The autoencoder stays float32,
-        replicated."""
+        replicated. `keyframe_bad`: a weaker keyframe network to autoguide the keyframes with."""
         self.options = options
         self.mesh = mesh if mesh is not None else generation_mesh("")
         self.rules = rules
@@ -171,14 +174,15 @@ class Generator:
         put = lambda net: None if net is None else Network(
             net.graphdef, place_weights(net.state, self.mesh, dtype=dtype, rules=rules))
         self.keyframe, self.good, self.bad = put(keyframe), put(interpolation), put(interpolation_bad)
+        self.keyframe_bad = put(keyframe_bad)
         ae_graphdef, ae_state = nnx.split(autoencoder)
         self.autoencoder = Network(ae_graphdef, place_weights(ae_state, self.mesh, shard=False))
         self.latent_shape = tuple(interpolation.state["learned_mask"].shape)
 
     def weight_bytes_per_device(self) -> dict[str, int]:
         """Bytes of each network's weights on the most loaded device (what the layout saves)."""
-        nets = dict(keyframe=self.keyframe, interpolation=self.good, interpolation_bad=self.bad,
-                    autoencoder=self.autoencoder)
+        nets = dict(keyframe=self.keyframe, keyframe_bad=self.keyframe_bad, interpolation=self.good,
+                    interpolation_bad=self.bad, autoencoder=self.autoencoder)
         return bytes_per_device({k: n.state for k, n in nets.items() if n is not None})
 
     def _sampling(self):
@@ -212,7 +216,9 @@ class Generator:
                 latents = np.asarray(sample_keyframes(
                     self.keyframe.graphdef, self.keyframe.state, self._put(conditions),
                     self._put(keys), num_steps=self.options.num_steps,
-                    audio_scale=self.options.audio_scale, ref_scale=self.options.ref_scale))
+                    audio_scale=self.options.audio_scale, ref_scale=self.options.ref_scale,
+                    bad_state=None if self.keyframe_bad is None else self.keyframe_bad.state,
+                    autoguidance_scale=self.options.keyframe_autoguidance_scale))
             for k, ((c, _), (_, index)) in enumerate(zip(batch, rows)):
                 if real[k]:
                     slots = index >= 0

@@ -34,6 +34,7 @@ class ModelSources:
     #                                       reference checkpoint, random, or KIND:PATH
     interpolation: str = "random"
     interpolation_bad: str = "auto"       # auto | none | fraction:F | step:N | a weights source
+    keyframe_bad: str = "none"            # the same for keyframe autoguidance (KeyFace: none)
     autoencoder: str = "random"           # Orbax export / autoencoder run | random
     audio_features: str = ""              # extractor spec; default logmel:<audio_dim>
     interpolation_audio_features: str = ""  # default: the keyframe stage's
@@ -65,17 +66,16 @@ def bad_checkpoint(steps: list[int], fraction: float) -> int | None:
     return best if abs(best - target) <= 0.5 * target else None
 
 
-def _bad_source(sources: ModelSources) -> str | None:
-    """The weaker interpolation network: `none`; `auto` (= `fraction:1/3`, see
-    AUTOGUIDANCE_BAD_FRACTION); `fraction:F`: the interpolation run's kept checkpoint nearest F ×
-    its last step; `step:N`: that step of the run; or any other weights source."""
-    spec = sources.interpolation_bad
+def bad_source(spec: str, main_source: str) -> str | None:
+    """The weaker network of `main_source` (a weights source) named by `spec`: `none`; `auto` (=
+    `fraction:1/3`, see AUTOGUIDANCE_BAD_FRACTION); `fraction:F`: the main run's kept checkpoint
+    nearest F × its last step; `step:N`: that step of the run; or any other weights source."""
     if spec == "none":
         return None
     if spec == "auto":
         spec = f"fraction:{AUTOGUIDANCE_BAD_FRACTION}"
     kind, _, value = spec.partition(":")
-    main = WeightSource.parse(sources.interpolation)
+    main = WeightSource.parse(main_source)
     if kind == "step":
         return f"run:{main.path}@{int(value)}"
     if kind != "fraction":
@@ -83,8 +83,9 @@ def _bad_source(sources: ModelSources) -> str | None:
     steps = run_steps(main.path) if main.kind == "run" else []
     step = bad_checkpoint(steps, float(value))
     if step is None:
-        log.warning("%s: no kept checkpoint near %s of training (have %s): autoguidance off; "
-                    "pass --interpolation_bad", sources.interpolation, value, steps)
+        log.warning("%s: no kept checkpoint near %s of training (have %s): its autoguidance is "
+                    "off; pass a weaker network (--interpolation_bad / --keyframe_bad)",
+                    main_source, value, steps)
         return None
     log.info("autoguidance: weaker network = %s step %d (%.2f of %d steps)", main.path,
              step, step / max(steps), max(steps))
@@ -130,14 +131,17 @@ class Setup:
                                                    dtype=self.dtype)
         keyframe = load(self.kf_config, sources.keyframe, sources.weights_seed)
         interpolation = load(self.ip_config, sources.interpolation, sources.weights_seed + 1)
-        bad = _bad_source(sources)
+        bad = bad_source(sources.interpolation_bad, sources.interpolation)
         self.bad_description = bad
         bad_net = load(self.ip_config, bad, sources.weights_seed + 2) if bad else None
+        kf_bad = bad_source(sources.keyframe_bad, sources.keyframe)
+        self.keyframe_bad_description = kf_bad
+        kf_bad_net = load(self.kf_config, kf_bad, sources.weights_seed + 3) if kf_bad else None
         autoencoder = load_autoencoder(self.kf_config.autoencoder, sources.autoencoder,
                                        seed=sources.weights_seed)
         self.generator = Generator(keyframe, interpolation, autoencoder, bad_net, options,
                                    generation_mesh(sources.mesh), dtype=self.dtype,
-                                   rules=rules_from_config(self.kf_config.mesh))
+                                   rules=rules_from_config(self.kf_config.mesh), keyframe_bad=kf_bad_net)
         spec = sources.audio_features or f"logmel:{self.audio_dim}"
         self.keyframe_features = get_extractor(spec)
         ip_spec = sources.interpolation_audio_features or spec

@@ -25,6 +25,15 @@ def audio_ref_cfg(d_uncond, d_ref, d_full, audio_scale=KEYFRAME_AUDIO_SCALE,
     return d_uncond + ref_scale * (d_ref - d_uncond) + audio_scale * (d_full - d_ref)
 
 
+def audio_ref_autoguidance(d_uncond, d_ref, d_full, d_bad_full, audio_scale=KEYFRAME_AUDIO_SCALE,
+                           ref_scale=KEYFRAME_REF_SCALE, autoguidance_scale=AUTOGUIDANCE_SCALE):
+    """Keyframe 3-branch guidance plus autoguidance of the full branch by a weaker network:
+    audio_ref_cfg(...) + (w − 1)·(D_full − D_bad,full). w = 1 is `audio_ref_cfg`; with the other
+    scales at 1 it is `autoguidance(d_bad_full, d_full, w)`."""
+    return (audio_ref_cfg(d_uncond, d_ref, d_full, audio_scale, ref_scale)
+            + (autoguidance_scale - 1.0) * (d_full - d_bad_full))
+
+
 def autoguidance(d_bad, d_good, scale=AUTOGUIDANCE_SCALE):
     """Autoguidance (Karras et al. 2024; `KarrasGuider`): D_bad + w·(D_good − D_bad), both networks
     given the same conditional inputs."""

@@ -82,6 +82,21 @@ def keyframe_cfg_denoiser(network_fn: NetworkFn, conditions,
     return lambda x, sigma: guidance.audio_ref_cfg(*branches(x, sigma), audio_scale, ref_scale)
 
 
+def keyframe_cfg_autoguidance_denoiser(network_fn: NetworkFn, bad_fn: NetworkFn, conditions,
+                                       audio_scale=guidance.KEYFRAME_AUDIO_SCALE,
+                                       ref_scale=guidance.KEYFRAME_REF_SCALE,
+                                       autoguidance_scale=guidance.AUTOGUIDANCE_SCALE) -> DenoiseFn:
+    """The 3-branch guider plus autoguidance by a weaker keyframe network on the full branch (one
+    more network call per step): `guidance.audio_ref_autoguidance`."""
+    branches = multi_branch_denoiser(network_fn, conditions, KEYFRAME_BRANCHES)
+
+    def guided(x, sigma):
+        d_bad = denoise(bad_fn, x, sigma, **conditions)   # no keep flags: every condition on
+        return guidance.audio_ref_autoguidance(*branches(x, sigma), d_bad, audio_scale, ref_scale,
+                                               autoguidance_scale)
+    return guided
+
+
 def linear_cfg_denoiser(network_fn: NetworkFn, conditions, uncond: Mapping[str, float],
                         frame_scales) -> DenoiseFn:
     """Training-preview guidance: 2 branches (uncond flags as given, then all conditions on) with a

@@ -40,17 +40,27 @@ def share_audio_projection(bad_state: nnx.State, good_state: nnx.State) -> nnx.S
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _keyframes(graphdef, state, conditions, keys, sigmas, audio_scale, ref_scale):
+def _keyframes(graphdef, state, conditions, keys, sigmas, audio_scale, ref_scale, bad_state=None,
+               autoguidance_scale=None):
     net = nnx.merge(graphdef, state)
-    denoise_fn = guided.keyframe_cfg_denoiser(net, conditions, audio_scale, ref_scale)
+    if bad_state is None:
+        denoise_fn = guided.keyframe_cfg_denoiser(net, conditions, audio_scale, ref_scale)
+    else:
+        denoise_fn = guided.keyframe_cfg_autoguidance_denoiser(
+            net, nnx.merge(graphdef, bad_state), conditions, audio_scale, ref_scale,
+            autoguidance_scale)
     return sample(denoise_fn, initial_noise(keys, latent_shape(conditions)), sigmas)
 
 
 def sample_keyframes(graphdef: nnx.GraphDef, state: nnx.State, conditions: Mapping[str, jax.Array],
                      keys: jax.Array, *, num_steps: int = AYS_MIN_STEPS,
                      audio_scale: float = guidance.KEYFRAME_AUDIO_SCALE,
-                     ref_scale: float = guidance.KEYFRAME_REF_SCALE) -> jax.Array:
-    """Keyframe clips with the 3-branch audio/reference guider.
+                     ref_scale: float = guidance.KEYFRAME_REF_SCALE,
+                     bad_state: nnx.State | None = None,
+                     autoguidance_scale: float = guidance.AUTOGUIDANCE_SCALE,
+                     share_audio_proj: bool = True) -> jax.Array:
+    """Keyframe clips with the 3-branch audio/reference guider, optionally plus autoguidance by a
+    weaker keyframe network (`guidance.audio_ref_autoguidance`).
 
     Args:
       graphdef, state: a KeyframeNet split with `nnx.split`.
@@ -58,11 +68,19 @@ def sample_keyframes(graphdef: nnx.GraphDef, state: nnx.State, conditions: Mappi
       keys: [B] PRNG keys, one per clip (a clip's result depends on its key only).
       num_steps: AYS schedule size (10 → 11 network evaluations).
       audio_scale, ref_scale: guidance scales (traced: changing them does not recompile).
+      bad_state: the weaker keyframe network's parameters (same graphdef), or None (3 branches
+        only).
+      autoguidance_scale: w of the autoguidance term (traced; used only with bad_state).
+      share_audio_proj: run the bad network with the good one's audio projection, as the
+        interpolation sampler does.
     Returns:
       [B, T, h, w, C] float32 diffusion-space latents.
     """
+    if bad_state is not None and share_audio_proj:
+        bad_state = share_audio_projection(bad_state, state)
     return _keyframes(graphdef, state, dict(conditions), keys, ays_sigmas(num_steps),
-                      jnp.float32(audio_scale), jnp.float32(ref_scale))
+                      jnp.float32(audio_scale), jnp.float32(ref_scale), bad_state,
+                      None if bad_state is None else jnp.float32(autoguidance_scale))
 
 
 def pin_endpoints(denoise_fn, first_z: jax.Array, last_z: jax.Array):
