@@ -80,7 +80,7 @@ def test_demo_job_from_a_clone_runs_end_to_end_and_resumes(tmp_path):
     # the guidance the demo sampled with is on record (benchmarks/demo_guidance.py reuses it)
     assert report["sampling"] == json.loads((out / "sampling.json").read_text()) == {
         "audio_scale": 3, "ref_scale": 1, "autoguidance_scale": 3,
-        "keyframe_autoguidance_scale": 2, "keyframe_bad": "auto"}
+        "keyframe_autoguidance_scale": 2, "keyframe_bad": "none"}
     assert set(report["training"]["runs"]) == {"autoencoder", "keyframe", "interpolation"}
     for name in ("jfk", "heldout_face"):
         assert (out / "generated" / f"{name}.mp4").exists(), name
