@@ -20,7 +20,7 @@ def test_variant_options_are_typed_generation_fields():
 
 @pytest.mark.parametrize("spec", ["audio_scale", "no_such_field=1"])
 def test_bad_variant_options_are_refused(spec):
-    with pytest.raises(ValueError, match="GenerationOptions field"):
+    with pytest.raises(ValueError, match="GenerationOptions( or ModelSources)? field"):
         demo_guidance.sampling_options(spec)
 
 
