@@ -9,7 +9,8 @@ Variants (the keyframes are the same in all of them; only the in-between frames 
     (`--interpolation_bad fraction:F`; the demo's default is 1/3), scale 2;
   - `none`: the main interpolation network's conditional prediction alone;
   - `audio_cfg`: classifier-free guidance on the audio (the main network without audio as the
-    guiding branch), scale 2, the plain-CFG baseline autoguidance is measured against.
+    guiding branch), scale 2, the plain-CFG baseline autoguidance is measured against; only for
+    runs whose interpolation model was trained with audio dropout (not DEMO_INTERPOLATION_DROPOUT=0).
 Every variant samples with the demo's own guidance scales (its `sampling.json`; GenerationOptions'
 defaults where a run has none); `VARIANT@field=value,...` overrides GenerationOptions fields
 (or ModelSources ones: `keyframe_bad=auto` adds keyframe autoguidance).
@@ -67,6 +68,18 @@ def demo_sampling(demo: str) -> dict:
         return {key: typed_option(key, value) for key, value in json.load(f).items()}
 
 
+def trained_without_audio_dropout(run: str, min_logs: int = 10) -> bool:
+    """Whether a training run logged audio_keep_frac = 1 at every one of at least `min_logs` logs
+    (launch/demo.sh with DEMO_INTERPOLATION_DROPOUT=0 trains the interpolation model so)."""
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        kept = [row["audio_keep_frac"] for row in map(json.loads, filter(str.strip, f))
+                if "audio_keep_frac" in row]
+    return len(kept) >= min_logs and all(value == 1.0 for value in kept)
+
+
 def variant_setup(demo: str, variant: str) -> Setup:
     runs = os.path.join(demo, "runs")
     variant, _, options = variant.partition("@")
@@ -75,6 +88,10 @@ def variant_setup(demo: str, variant: str) -> Setup:
         num, _, den = variant.split("_", 1)[1].partition("/")
         bad = f"fraction:{float(num) / float(den or 1)}"
     elif variant == "audio_cfg":
+        if trained_without_audio_dropout(os.path.join(runs, "interpolation")):
+            raise ValueError(f"{demo}: variant audio_cfg needs an interpolation model trained with "
+                             "audio dropout (its no-audio branch); this one never dropped the audio "
+                             "(run the demo without DEMO_INTERPOLATION_DROPOUT=0)")
         guidance = "audio_cfg"
     elif variant != "none":
         raise ValueError(f"unknown variant {variant!r}")

@@ -19,6 +19,8 @@ import sys
 BAR_R, BAR_RATIO = 0.6, 3.0
 CLIPS = {"tts": "", "jfk": "jfk_"}   # held-out recording → summary key prefix
 FIGURES = ("lip_sync_r_lag0", "lip_sync_control_r", "jfk_lip_sync_r_lag0", "jfk_lip_sync_control_r",
+           "lip_sync_r_keyframes", "lip_sync_r_inbetween", "jfk_lip_sync_r_keyframes",
+           "jfk_lip_sync_r_inbetween",
            "sharpness_to_input", "identity_first_window", "identity_last_window",
            "heldout_face_similarity_to_own_input", "heldout_face_similarity_to_nearest_other",
            "autoencoder_psnr_unseen", "autoencoder_psnr_training_frames", "seconds_timed_total")

@@ -106,6 +106,9 @@ def _clip_figures(prefix: str, evaluation: dict) -> dict:
     out = {f"{prefix}lip_sync_r_lag0": sync.get("r_lag0"),
            f"{prefix}lip_sync_r": sync.get("r"),
            f"{prefix}lip_sync_control_r": _get(sync, "control", "r"),
+           # keyframe model vs interpolation model: lag-0 r over keyframes / in-between frames
+           f"{prefix}lip_sync_r_keyframes": _get(sync, "keyframe_split", "keyframes_r"),
+           f"{prefix}lip_sync_r_inbetween": _get(sync, "keyframe_split", "inbetween_r"),
            f"{prefix}identity_first_window": ident.get("first_similarity"),
            f"{prefix}identity_last_window": ident.get("last_similarity"),
            f"{prefix}sharpness_to_input": ident.get("sharpness_to_identity"),

@@ -1,5 +1,6 @@
 """benchmarks/demo_guidance.py's variant grammar: `VARIANT@field=value,...` sets sampling options."""
 
+import json
 import pathlib
 import sys
 
@@ -35,3 +36,20 @@ def test_variants_sample_with_the_demo_own_scales(tmp_path):
     assert demo_guidance.demo_sampling(str(tmp_path)) == {
         "audio_scale": 3.0, "keyframe_autoguidance_scale": 2.0, "keyframe_bad": "auto"}
     assert demo_guidance.sampling_options("keyframe_bad=fraction:0.5") == {"keyframe_bad": "fraction:0.5"}
+
+
+def test_audio_cfg_needs_a_model_trained_with_audio_dropout(tmp_path):
+    run = tmp_path / "runs" / "interpolation"
+    run.mkdir(parents=True)
+    assert not demo_guidance.trained_without_audio_dropout(str(run))   # no metrics: no verdict
+    rows = [{"step": 10 * (i + 1), "loss": 1.0, "audio_keep_frac": 1.0} for i in range(12)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert demo_guidance.trained_without_audio_dropout(str(run))
+    with pytest.raises(ValueError, match="without DEMO_INTERPOLATION_DROPOUT=0"):
+        demo_guidance.variant_setup(str(tmp_path), "audio_cfg")
+    rows[3]["audio_keep_frac"] = 0.75                     # KeyFace's dropout: some batches drop it
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert not demo_guidance.trained_without_audio_dropout(str(run))
+    # too few logs to tell (a short run with dropout may log 1.0 by chance)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    assert not demo_guidance.trained_without_audio_dropout(str(run))

@@ -125,7 +125,8 @@ def test_report_headline_and_stage_times(tmp_path):
     (tmp_path / "stages.tsv").write_text("1/8 models\t0\n2/8 videos\t40\ndone\t100\n")
     assert report.read_stage_times(str(tmp_path / "stages.tsv")) == {"models": 40,
                                                                      "videos": 60}
-    evaluation = dict(lip_sync=dict(r=0.7, r_lag0=0.65, control=dict(r=0.1)),
+    evaluation = dict(lip_sync=dict(r=0.7, r_lag0=0.65, control=dict(r=0.1),
+                                    keyframe_split=dict(keyframes_r=0.8, inbetween_r=0.6)),
                       face=dict(fallback_box_frames=0),
                       identity=dict(summary=dict(first_similarity=0.9, last_similarity=0.91,
                                                  sharpness_to_identity=0.5)))
@@ -135,6 +136,7 @@ def test_report_headline_and_stage_times(tmp_path):
                                autoencoder_unseen=dict(psnr=27.0, sharpness_ratio=0.4),
                                stage_seconds={"models": 40}))
     assert out["lip_sync_r_lag0"] == 0.65 and out["lip_sync_control_r"] == 0.1
+    assert out["lip_sync_r_keyframes"] == 0.8 and out["lip_sync_r_inbetween"] == 0.6
     assert out["face_similarity_to_own_input"] == 0.8
     assert out["face_similarity_to_nearest_other"] == 0.7
     assert out["autoencoder_psnr_unseen"] == 27.0 and out["seconds_models"] == 40

@@ -97,6 +97,19 @@ def test_lagged_correlation_finds_a_known_lag():
     assert lipsync.pearson(np.ones(50), sound[:50]) == 0.0          # constant: no correlation
 
 
+def test_keyframe_split_separates_the_two_models_sync():
+    rng = np.random.default_rng(1)
+    sound = rng.standard_normal(260)
+    mouth = rng.standard_normal(260)          # in-between frames: unrelated to the sound
+    keyframes = np.arange(260) % 13 == 0
+    mouth[keyframes] = 2.0 * sound[keyframes] + 1.0   # keyframes: exactly in sync
+    split = lipsync.keyframe_split(mouth, sound, stride=13)
+    assert split["keyframes"] == 20 and split["inbetween"] == 240
+    assert split["keyframes_r"] > 0.999 and abs(split["inbetween_r"]) < 0.2
+    report = lipsync.lip_sync(mouth, sound)
+    assert report["keyframe_split"] == split
+
+
 @needs_faces
 def test_still_face_has_no_sync_and_no_motion(demo, tmp_path, capsys):
     """A repeated single frame with the real soundtrack, through mp4 and the CLI."""

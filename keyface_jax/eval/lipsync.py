@@ -79,9 +79,22 @@ def lagged_correlation(mouth: np.ndarray, sound: np.ndarray, max_lag: int = 2,
                 frames=int(n - abs(shift)))
 
 
+def keyframe_split(opening: np.ndarray, loud_db: np.ndarray, stride: int = 13) -> dict:
+    """Lag-0 r over the keyframe positions (frames 0, stride, 2·stride, …) and over the frames
+    between them: which of KeyFace's two models loses the sync (meaningless for other videos)."""
+    opening, loud_db = np.asarray(opening, np.float64), np.asarray(loud_db, np.float64)
+    n = min(len(opening), len(loud_db))
+    keyframe = np.arange(n) % stride == 0
+    return dict(stride=stride, keyframes_r=pearson(opening[:n][keyframe], loud_db[:n][keyframe]),
+                keyframes=int(keyframe.sum()),
+                inbetween_r=pearson(opening[:n][~keyframe], loud_db[:n][~keyframe]),
+                inbetween=int((~keyframe).sum()))
+
+
 def lip_sync(opening: np.ndarray, loud_db: np.ndarray, fps: float = FPS, max_lag: int = 2,
-             control_shift: float = 1.0) -> dict:
-    """Lip-sync correlation, its shifted-audio control and whether the bar is met."""
+             control_shift: float = 1.0, keyframe_stride: int = 13) -> dict:
+    """Lip-sync correlation, its shifted-audio control, whether the bar is met, and the lag-0 r
+    split into keyframe and in-between frames (`keyframe_split`)."""
     opening = np.asarray(opening, np.float64)
     if not np.isfinite(opening).any():
         return dict(r=None, lag=None, note="no face found in any frame")
@@ -93,7 +106,8 @@ def lip_sync(opening: np.ndarray, loud_db: np.ndarray, fps: float = FPS, max_lag
     out = dict(main, control=dict(shift_seconds=control_shift, r=control["r"],
                                   lag=control["lag"], frames=control["frames"]),
                ratio_to_control=ratio, bar=dict(min_r=BAR_R, min_ratio=BAR_RATIO,
-                                                passed=passes))
+                                                passed=passes),
+               keyframe_split=keyframe_split(opening, loud_db, keyframe_stride))
     if np.ptp(opening) < 1e-9:
         out["note"] = "the mouth does not move: r is 0 by definition"
     return out
