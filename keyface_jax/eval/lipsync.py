@@ -25,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from keyface_jax.generation.plan import STRIDE   # KeyFace's keyframe spacing
+
 FPS = 25.0
 AUDIO_RATE = 16_000
 BAR_R = 0.5
@@ -79,20 +81,21 @@ def lagged_correlation(mouth: np.ndarray, sound: np.ndarray, max_lag: int = 2,
                 frames=int(n - abs(shift)))
 
 
-def keyframe_split(opening: np.ndarray, loud_db: np.ndarray, stride: int = 13) -> dict:
+def keyframe_split(opening: np.ndarray, loud_db: np.ndarray, stride: int = STRIDE) -> dict:
     """Lag-0 r over the keyframe positions (frames 0, stride, 2·stride, …) and over the frames
     between them: which of KeyFace's two models loses the sync (meaningless for other videos)."""
     opening, loud_db = np.asarray(opening, np.float64), np.asarray(loud_db, np.float64)
     n = min(len(opening), len(loud_db))
+    opening, loud_db = opening[:n], loud_db[:n]
     keyframe = np.arange(n) % stride == 0
-    return dict(stride=stride, keyframes_r=pearson(opening[:n][keyframe], loud_db[:n][keyframe]),
+    return dict(stride=stride, keyframes_r=pearson(opening[keyframe], loud_db[keyframe]),
                 keyframes=int(keyframe.sum()),
-                inbetween_r=pearson(opening[:n][~keyframe], loud_db[:n][~keyframe]),
+                inbetween_r=pearson(opening[~keyframe], loud_db[~keyframe]),
                 inbetween=int((~keyframe).sum()))
 
 
 def lip_sync(opening: np.ndarray, loud_db: np.ndarray, fps: float = FPS, max_lag: int = 2,
-             control_shift: float = 1.0, keyframe_stride: int = 13) -> dict:
+             control_shift: float = 1.0, keyframe_stride: int = STRIDE) -> dict:
     """Lip-sync correlation, its shifted-audio control, whether the bar is met, and the lag-0 r
     split into keyframe and in-between frames (`keyframe_split`)."""
     opening = np.asarray(opening, np.float64)
