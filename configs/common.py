@@ -146,6 +146,8 @@ def add_training_sections(config, kind: str, variant: str) -> None:
     config.objective = ml_collections.ConfigDict(dict(
         p_mean=1.0, p_std=1.2,
         lambda_lower=3.0 if kind == "keyframe" else 2.0,
+        # () = off (KeyFace); (top, bottom, left, right) fractions: × lambda_mouth there
+        mouth_box=(), lambda_mouth=1.0,
         cond_drop_rate=0.1, audio_drop_rate=0.2,
         # pixel losses need the frozen VAE decoder (and LPIPS weight files); off for the tiny runs
         pixel_weight=1.0 if (kind == "keyframe" and variant == "full") else 0.0,

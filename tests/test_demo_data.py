@@ -80,6 +80,10 @@ def test_manifest_and_emotion_files(dataset):
     assert _json(os.path.join(out, "manifest.json")) == manifest
     assert manifest["format"] == MANIFEST_FORMAT and manifest["emotion_fps"] == 25
     assert [v["group"] for v in manifest["videos"]] == ["speech", "nsv"]
+    top, bottom, left, right = manifest["mouth_box"]        # holds every video's mouth box
+    for t, b, l, r in (v["mouth_box"] for v in manifest["videos"]):
+        assert top <= t < b <= bottom and left <= l < r <= right
+    assert 0.5 < top and bottom < 1 and 0.2 < left < right < 0.8   # the lower middle of the frame
     for v in manifest["videos"]:
         segs = v["segments"]
         assert segs[0]["start"] == 0 and abs(segs[-1]["end"] - v["duration"]) < 1e-3

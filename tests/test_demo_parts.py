@@ -91,6 +91,16 @@ def test_rig_from_landmarks_frames_the_face_and_opens_the_mouth():
     shut, wide = animator.render(FacePose()), animator.render(FacePose(mouth_open=1.0))
     mouth = (slice(60, 100), slice(44, 84))
     assert wide[mouth].mean() < shut[mouth].mean() - 5     # the open mouth is dark
+    # the mouth box holds the whole dark cavity, at full opening and full width, and little else
+    luma = np.array([0.299, 0.587, 0.114])
+    top, bottom, left, right = animator.mouth_box()
+    assert (bottom - top) * (right - left) < 0.06
+    for pose in (FacePose(mouth_open=1.0), FacePose(mouth_open=1.0, mouth_wide=1.0)):
+        darker = shut @ luma - animator.render(pose).astype(np.float64) @ luma > 40
+        rows, cols = (np.nonzero(darker)[i] + 0.5 for i in (0, 1))
+        assert darker.sum() > 100
+        assert np.all((rows >= top * 128) & (rows < bottom * 128))
+        assert np.all((cols >= left * 128) & (cols < right * 128))
     with pytest.raises(ValueError, match="too small"):
         photos.rig_from_landmarks(image, points * 0.05, "tiny", size=128)
 

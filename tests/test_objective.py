@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 
 from configs import interpolation, keyframe
-from keyface_jax.diffusion.objective import (ObjectiveConfig, add_noise, check_objective_inputs,
-                                             diffusion_l2, draw_randomness, keyface_loss,
-                                             loss_weight, lpips_for_objective, row_weights)
+from keyface_jax.diffusion.objective import (ObjectiveConfig, add_noise, box_mask,
+                                             check_objective_inputs, diffusion_l2,
+                                             draw_randomness, keyface_loss, loss_weight,
+                                             lpips_for_objective, row_weights, spatial_weights)
 from keyface_jax.diffusion.scalings import vscaling
 from keyface_jax.losses.lpips import LPIPS
 from keyface_jax.models.autoencoder import SCALE_FACTOR, VAEConfig, VideoDecoder
@@ -89,6 +90,39 @@ def test_row_weighting_hand_built():
     np.testing.assert_allclose(got, [[40.0], [25.0]], rtol=1e-6)
     got = diffusion_l2(err, jnp.zeros_like(err), sigma, lambda_lower=2.0)  # interpolation
     np.testing.assert_allclose(got, [[2 * 55 / 4], [1.25 * 55 / 4]], rtol=1e-6)
+
+
+def test_mouth_box_weighting_hand_built():
+    box = (0.5, 0.75, 0.25, 0.75)                      # rows 2..2, cols 1..2 of a 4×4 grid
+    inside = np.asarray(box_mask(4, 4, box))
+    assert inside.sum() == 2 and inside[2, 1] and inside[2, 2]
+    assert not np.asarray(box_mask(4, 4, ())).any()
+    weights = np.asarray(spatial_weights(4, 4, 3.0, box, 5.0))
+    np.testing.assert_array_equal(weights[:, 0], [1, 1, 3, 3])
+    np.testing.assert_array_equal(weights[2], [3, 15, 15, 3])    # lower half × mouth
+    np.testing.assert_array_equal(spatial_weights(4, 4, 3.0), row_weights(4, 3.0)[:, None] * np.ones(4))
+    # a unit error on one cell inside the box and one outside, both in the lower half
+    err = np.zeros((1, 1, 4, 4, 1), np.float32)
+    err[0, 0, 2, 1] = err[0, 0, 3, 0] = 1.0
+    got = diffusion_l2(jnp.asarray(err), jnp.zeros_like(err), jnp.array([1.0]), 3.0, box, 5.0)
+    np.testing.assert_allclose(got, [[2.0 * (15 + 3) / 16]], rtol=1e-6)          # λ(1) = 2
+
+
+def test_mouth_box_reaches_the_loss_and_bad_boxes_are_refused():
+    cfg = ObjectiveConfig.for_kind("interpolation", mouth_box=[0.5, 0.9, 0.2, 0.8], lambda_mouth=4)
+    assert cfg.mouth_box == (0.5, 0.9, 0.2, 0.8)
+    for bad in ((0.9, 0.5, 0.2, 0.8), (0.5, 0.9, 0.2), (0.5, 1.2, 0.2, 0.8)):
+        with pytest.raises(ValueError, match="mouth_box"):
+            ObjectiveConfig.for_kind("interpolation", mouth_box=bad)
+    with pytest.raises(ValueError, match="lambda_mouth"):
+        ObjectiveConfig.for_kind("interpolation", lambda_mouth=0)
+    # a box over the whole frame multiplies the training loss by exactly lambda_mouth
+    batch = dict(latents=jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 1)),
+                 audio=jnp.zeros((2, 3, 2, 5)))
+    zero_net = lambda x, c_noise, **conditions: jnp.zeros_like(x)
+    loss = lambda **kw: float(keyface_loss(zero_net, batch, jax.random.key(1),
+                                           ObjectiveConfig.for_kind("interpolation", **kw))[0])
+    assert loss(mouth_box=(0, 1, 0, 1), lambda_mouth=4) == pytest.approx(4 * loss(), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- dropout

@@ -37,11 +37,13 @@ Frame i covers [i/25, (i+1)/25) s of the video. A reader should accept a video w
 frame count differs by one from `num_frames` (pad by repeating the last value / trim).
 
 Manifest (`format: "keyface-demo/1"`), JSON: dataset-wide `seed, fps, size, seconds, audio_rate,
-emotion_fps, face_source, faces, crop_scale, max_open, speech_source, speech_files`, and
-`videos`, one entry per video:
+emotion_fps, face_source, faces, crop_scale, max_open, head_motion, mouth_box, speech_source,
+speech_files`, and `videos`, one entry per video:
 
     name                 "demo_0000"
     face                 which face it shows (`photos.ALL_FACES`)
+    mouth_box            [top, bottom, left, right], fractions of the frame, that the face's lips
+                         move in (`FaceAnimator.mouth_box`); the dataset-wide one holds them all
     video, emotion       paths relative to DIR
     group                "speech" (speech and pauses only) or "nsv" (also ≥ 1 laugh or sigh)
     fps, num_frames      of the mp4; num_frames_25fps = round(duration · 25)

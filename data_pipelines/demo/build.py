@@ -107,6 +107,13 @@ def build_video(index: int, output: str, seconds: float, size: int, fps: float, 
                 nsv=[s for s in segs if s["kind"] in ("laugh", "sigh")])
 
 
+def union_box(boxes) -> list[float]:
+    """The smallest (top, bottom, left, right) box holding all `boxes`."""
+    boxes = np.asarray(boxes, np.float64)
+    return [float(boxes[:, 0].min()), float(boxes[:, 1].max()),
+            float(boxes[:, 2].min()), float(boxes[:, 3].max())]
+
+
 def build_dataset(output: str, num_videos: int = 4, seconds: float = 6.0, size: int = 256,
                   fps: float = 25.0, seed: int = 0, audio_rate: int = 48000,
                   nsv_fraction: float = 0.5, speech: list[str] | None = None,
@@ -143,7 +150,7 @@ def build_dataset(output: str, num_videos: int = 4, seconds: float = 6.0, size: 
         face = faces[i % len(faces)]
         videos.append(dict(build_video(i, output, seconds, size, fps, seed, audio_rate, group,
                                        corpus, animators[face], prefix, audio_codec, head_motion),
-                           face=face))
+                           face=face, mouth_box=list(animators[face].mouth_box())))
         if verbose:
             print(f"{videos[-1]['video']}: {face}, {group}, {videos[-1]['num_frames']} frames, "
                   f"{time.time() - start:.1f} s", flush=True)
@@ -152,7 +159,7 @@ def build_dataset(output: str, num_videos: int = 4, seconds: float = 6.0, size: 
         audio_rate=audio_rate, emotion_fps=FPS,
         face_source="skimage.data.astronaut" if tuple(faces) == ("astronaut",) else "photos",
         faces=list(dict.fromkeys(faces)), crop_scale=crop_scale, max_open=max_open,
-        head_motion=head_motion,
+        head_motion=head_motion, mouth_box=union_box([v["mouth_box"] for v in videos]),
         speech_source=corpus.name if corpus else "babble",
         speech_files=[os.path.basename(p) for p in corpus.paths] if corpus else [],
         videos=videos)

@@ -76,6 +76,20 @@ class FaceAnimator:
         self.pivot = (rig.mouth_center[0], rig.chin_y + 0.25 * rig.crop_size)   # about the neck
         self._channels = [np.ascontiguousarray(rig.image[..., c]) for c in range(3)]
 
+    def mouth_box(self) -> tuple[float, float, float, float]:
+        """(top, bottom, left, right) of the frame, as fractions, that the lips move in at rest
+        head pose: the mouth's width with a margin, from above the upper lip to below the lower
+        lip at full opening (e.g. for a loss weight on the mouth; head drift moves it a little)."""
+        rig = self.rig
+        mx, my = rig.mouth_center
+        mw = rig.mouth_half_width
+        x0 = rig.crop_center[0] - rig.crop_size / 2
+        y0 = rig.crop_center[1] - rig.crop_size / 2
+        top = my - 0.35 * mw - 0.25 * self.max_open     # the lips' own thickness: ~0.35 mw
+        bottom = my + 0.35 * mw + self.max_open
+        box = ((top - y0), (bottom - y0), (mx - 1.3 * mw - x0), (mx + 1.3 * mw - x0))
+        return tuple(round(min(1.0, max(0.0, v / rig.crop_size)), 4) for v in box)
+
     def _head(self, pose: FacePose):
         """Output grid → photo coordinates on the moving head (inverse similarity transform)."""
         px, py = self.pivot

@@ -2,8 +2,10 @@
 
 Per clip: ln σ ~ N(p_mean, p_std), one σ shared by the clip's frames; x_σ = x0 + σ·ε on scaled
 latents; D = the v-scaled denoiser (`scalings.denoise`); per frame, the mean over (h, w, c) of
-λ(σ)·r(row)·(D − x0)², with λ(σ) = (σ²+1)/σ² and r = `lambda_lower` on latent rows h//2..h−1,
-1 above; then the mean over all B·T frames. Both models put loss on every frame, including the
+λ(σ)·r(row, col)·(D − x0)², with λ(σ) = (σ²+1)/σ² and r = `lambda_lower` on latent rows h//2..h−1,
+1 above, times `lambda_mouth` inside `mouth_box` (off by default: KeyFace weights the lower half
+only; face-aligned crops put the mouth at a known place, where the audio's signal lies); then the
+mean over all B·T frames. Both models put loss on every frame, including the
 interpolation model's two given boundary frames and the keyframe model's frame 0 (which is also
 its identity condition).
 
@@ -52,6 +54,9 @@ class ObjectiveConfig:
       kind: "keyframe" | "interpolation" (which conditions the batch carries).
       p_mean, p_std: ln σ ~ N(p_mean, p_std) per clip (1.0, 1.2; SVD used 0.7, 1.6).
       lambda_lower: weight of latent rows h//2..h−1 (the mouth half): 3 keyframe, 2 interpolation.
+      mouth_box: () (off) or (top, bottom, left, right), fractions of the frame: latent cells whose
+        centre lies inside get their weight multiplied by `lambda_mouth` (not in KeyFace).
+      lambda_mouth: that multiplier (1.0).
       cond_drop_rate: CFG dropout of the identity latent (keyframe) or both boundary latents
         (interpolation), per sample (0.1).
       audio_drop_rate: CFG dropout of the audio projection output, per sample (0.2).
@@ -67,6 +72,8 @@ class ObjectiveConfig:
     p_mean: float = 1.0
     p_std: float = 1.2
     lambda_lower: float = 3.0
+    mouth_box: tuple[float, ...] = ()
+    lambda_mouth: float = 1.0
     cond_drop_rate: float = 0.1
     audio_drop_rate: float = 0.2
     pixel_weight: float = 1.0
@@ -77,6 +84,15 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "pixel_losses", tuple(self.pixel_losses))
+        object.__setattr__(self, "mouth_box", tuple(float(v) for v in self.mouth_box))
+        box = self.mouth_box
+        if box and not (len(box) == 4 and 0.0 <= box[0] < box[1] <= 1.0
+                        and 0.0 <= box[2] < box[3] <= 1.0):
+            raise ValueError("ObjectiveConfig.mouth_box must be () or (top, bottom, left, right), "
+                             "fractions of the frame with top < bottom and left < right, "
+                             f"got {box}")
+        if self.lambda_mouth <= 0:
+            raise ValueError(f"ObjectiveConfig.lambda_mouth must be > 0, got {self.lambda_mouth}")
         if self.kind not in ("keyframe", "interpolation"):
             raise ValueError("ObjectiveConfig.kind must be 'keyframe' or 'interpolation', "
                              f"got {self.kind!r}")
@@ -147,13 +163,33 @@ def row_weights(height: int, lambda_lower: float) -> jax.Array:
     return jnp.where(jnp.arange(height) >= height // 2, lambda_lower, 1.0).astype(jnp.float32)
 
 
+def box_mask(height: int, width: int, box: tuple[float, ...]) -> jax.Array:
+    """[height, width] booleans: cells whose centre lies in box = (top, bottom, left, right),
+    fractions of the frame (top/left inclusive, bottom/right exclusive); all False for ()."""
+    if not box:
+        return jnp.zeros((height, width), bool)
+    top, bottom, left, right = box
+    rows = (jnp.arange(height) + 0.5) / height
+    cols = (jnp.arange(width) + 0.5) / width
+    return (((rows >= top) & (rows < bottom))[:, None] & ((cols >= left) & (cols < right))[None, :])
+
+
+def spatial_weights(height: int, width: int, lambda_lower: float, mouth_box: tuple[float, ...] = (),
+                    lambda_mouth: float = 1.0) -> jax.Array:
+    """[height, width]: the row weights, times `lambda_mouth` inside `mouth_box`."""
+    inside = box_mask(height, width, mouth_box)
+    return row_weights(height, lambda_lower)[:, None] * jnp.where(inside, lambda_mouth, 1.0)
+
+
 def diffusion_l2(pred: jax.Array, target: jax.Array, sigma: jax.Array,
-                 lambda_lower: float) -> jax.Array:
+                 lambda_lower: float, mouth_box: tuple[float, ...] = (),
+                 lambda_mouth: float = 1.0) -> jax.Array:
     """Per-frame weighted L2: pred/target [B, T, h, w, c], σ [B] → [B, T], the mean over (h, w, c)
-    of λ(σ)·row_weight·(pred − target)²."""
+    of λ(σ)·spatial_weight·(pred − target)²."""
     sq = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
-    rows = row_weights(pred.shape[2], lambda_lower)[:, None, None]
-    return loss_weight(sigma)[:, None] * jnp.mean(sq * rows, axis=(2, 3, 4))
+    weights = spatial_weights(pred.shape[2], pred.shape[3], lambda_lower, mouth_box,
+                              lambda_mouth)[:, :, None]
+    return loss_weight(sigma)[:, None] * jnp.mean(sq * weights, axis=(2, 3, 4))
 
 
 # ----------------------------------------------------------------------------- randomness
@@ -327,7 +363,8 @@ def keyface_loss(network, batch: Mapping, key: jax.Array, config: ObjectiveConfi
     x_noisy = add_noise(x0, draws["sigma"], draws["noise"])
     pred = denoise(network, x_noisy, draws["sigma"], **network_conditions(batch, config, draws))
 
-    diffusion = jnp.mean(diffusion_l2(pred, x0, draws["sigma"], config.lambda_lower))
+    diffusion = jnp.mean(diffusion_l2(pred, x0, draws["sigma"], config.lambda_lower,
+                                      config.mouth_box, config.lambda_mouth))
     loss = diffusion
     metrics = dict(loss_diffusion=diffusion, sigma_mean=jnp.mean(draws["sigma"]),
                    cond_keep_frac=jnp.mean(draws["cond_keep"]),
