@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from scipy.io import wavfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,9 +50,17 @@ def _run(clone, **env_overrides):
 def test_demo_job_from_a_clone_runs_end_to_end_and_resumes(tmp_path):
     clone = tmp_path / "keyface-jax"
     shutil.copytree(ROOT, clone, ignore=LEFT_OUT)
-    proc = _run(clone)
+    # DEMO_KEYFRAME_ARGS reaches the keyframe trainer only (a logging flag: the same code path)
+    proc = _run(clone, DEMO_KEYFRAME_ARGS="--config.train.log_every=1")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     out = clone / "outputs" / "demo"
+    logs = {kind: [json.loads(line) for line in
+                   (out / "runs" / kind / "metrics.jsonl").read_text().splitlines()]
+            for kind in ("keyframe", "interpolation")}
+    assert [m["step"] for m in logs["keyframe"]] == [1, 2, 3]
+    assert [m["step"] for m in logs["interpolation"]] == [3]
+    # DEMO_INTERPOLATION_LR's 6e-4 against the config's 3e-4 (the same warm-up fraction at step 3)
+    assert logs["interpolation"][-1]["lr"] == pytest.approx(2 * logs["keyframe"][-1]["lr"])
     for name in ("generated/heldout.mp4", "heldout/speech.wav", "report/contact_sheet.png",
                  "report/losses.png", "report/metrics.json", "runs/autoencoder/export"):
         assert (out / name).exists(), name
