@@ -27,8 +27,8 @@
 # DEMO_INTERPOLATION_LR: the interpolation model's learning rate (default 6e-4; the keyframe's 3e-4).
 # DEMO_INTERPOLATION_DROPOUT=0: train the interpolation model without KeyFace's condition dropout.
 # DEMO_KEYFRAME_ARGS / DEMO_INTERPOLATION_ARGS: more trainer flags for one model, e.g.
-# "--config.optim.lr=6e-4" (split on spaces; README's table of tries has the ones measured; the
-# lips' box for --config.objective.mouth_box is in $KEYFACE_DEMO_DIR/videos/manifest.json).
+# "--config.objective.lambda_lower=1" (split on spaces; README's table of tries has the ones
+# measured; the lips' box for --config.objective.mouth_box is in the videos' manifest.json).
 # DEMO_FACES (default astronaut; any of astronaut,hopper,obama), DEMO_HELDOUT_FACE (biden),
 # DEMO_CROP_SCALE (face-aligned crop side in inter-ocular distances, default 3.0), DEMO_MAX_OPEN
 # (lip gap at full opening over the mouth width, default 0.45), DEMO_HEAD_MOTION (scale of the
